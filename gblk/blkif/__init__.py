@@ -1,0 +1,7 @@
+"""The blkif protocol, pure: bytes in, values out.
+
+Constants, one struct table per ABI, request parsing and validation, response
+packing, ring index arithmetic and notification rules over any writable buffer,
+XenStore node names and negotiation. Must not import gevent, os, pyxs or cffi, nor
+any other gblk layer but ``gblk.errors``.
+"""

@@ -1,0 +1,116 @@
+"""Which requests a disk serves: the checks every backend must make before IO.
+
+Raises ``InvalidRequest`` with a reason from ``gblk.engine.stats.REASONS``; the
+reason ``unsupported_op`` is answered EOPNOTSUPP, every other one ERROR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from ..errors import InvalidRequest
+from .abi import Request, Segment
+from .const import (
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    SECTOR_SIZE,
+    SECTORS_PER_PAGE,
+    SEGS_PER_INDIRECT_FRAME,
+    Op,
+    Status,
+)
+
+UNSUPPORTED = "unsupported_op"
+
+
+@dataclass(frozen=True)
+class DiskLimits:
+    """What one connected disk offers; the frontend saw exactly this in XenStore."""
+
+    sectors: int  # size in 512-byte sectors
+    readonly: bool = False
+    sector_size: int = SECTOR_SIZE  # logical block size: alignment of every request
+    barrier: bool = True
+    flush: bool = True
+    discard: bool = True
+    discard_secure: bool = False
+    max_indirect_segments: int = 0  # 0: INDIRECT not offered
+
+
+def status_for(reason: str) -> int:
+    return Status.EOPNOTSUPP if reason == UNSUPPORTED else Status.ERROR
+
+
+def effective_op(req: Request) -> int:
+    """The data direction an INDIRECT request carries, else its own op."""
+    return req.indirect_op if req.operation == Op.INDIRECT else req.operation
+
+
+def check_header(req: Request, lim: DiskLimits) -> None:
+    """Everything decidable from the slot alone. For INDIRECT the segments come later
+    (``check_segments`` once the indirect pages have been copied)."""
+    op = req.operation
+    n = req.nr_segments
+    if op == Op.READ or op == Op.WRITE:
+        if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise InvalidRequest("invalid_segment_count", f"{n} segments")
+        if op == Op.WRITE and lim.readonly:
+            raise InvalidRequest("read_only", "write to a read-only disk")
+    elif op == Op.WRITE_BARRIER or op == Op.FLUSH_DISKCACHE:
+        if (op == Op.WRITE_BARRIER and not lim.barrier) or (
+            op == Op.FLUSH_DISKCACHE and not lim.flush
+        ):
+            raise InvalidRequest(UNSUPPORTED, f"op {op} not offered")
+        if n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
+            raise InvalidRequest("invalid_segment_count", f"{n} segments")
+        if n and lim.readonly:
+            raise InvalidRequest("read_only", "flush with data to a read-only disk")
+    elif op == Op.DISCARD:
+        if not lim.discard or (req.flag & 1 and not lim.discard_secure):
+            raise InvalidRequest(UNSUPPORTED, "discard not offered")
+        if lim.readonly:
+            raise InvalidRequest("read_only", "discard on a read-only disk")
+        check_range(req.sector_number, req.nr_sectors, lim)
+    elif op == Op.INDIRECT:
+        if not lim.max_indirect_segments:
+            raise InvalidRequest(UNSUPPORTED, "indirect not offered")
+        if req.indirect_op not in (Op.READ, Op.WRITE):
+            raise InvalidRequest("invalid_indirect", f"indirect_op {req.indirect_op}")
+        if not 1 <= n <= lim.max_indirect_segments:
+            raise InvalidRequest("invalid_segment_count", f"{n} indirect segments")
+        if req.indirect_op == Op.WRITE and lim.readonly:
+            raise InvalidRequest("read_only", "write to a read-only disk")
+    else:
+        raise InvalidRequest(UNSUPPORTED, f"op {op}")
+
+
+def indirect_pages(nr_segments: int) -> int:
+    """How many indirect pages hold ``nr_segments`` descriptors."""
+    return min(
+        (nr_segments + SEGS_PER_INDIRECT_FRAME - 1) // SEGS_PER_INDIRECT_FRAME,
+        BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+    )
+
+
+def check_segments(req: Request, segments: Tuple[Segment, ...], lim: DiskLimits) -> int:
+    """Check each segment and the whole range; return the request's length in sectors."""
+    total = 0
+    align = lim.sector_size // SECTOR_SIZE - 1  # in 512-byte sectors
+    for s in segments:
+        if s.first_sect > s.last_sect or s.last_sect >= SECTORS_PER_PAGE:
+            raise InvalidRequest("invalid_segment", f"sectors {s.first_sect}..{s.last_sect}")
+        if align and (s.first_sect & align or (s.last_sect + 1) & align):
+            raise InvalidRequest("invalid_segment", "segment not aligned to sector-size")
+        total += s.last_sect - s.first_sect + 1
+    check_range(req.sector_number, total, lim)
+    return total
+
+
+def check_range(sector: int, count: int, lim: DiskLimits) -> None:
+    """Reject wrap-around, misalignment and anything past the end of the disk."""
+    align = lim.sector_size // SECTOR_SIZE - 1
+    if sector + count > lim.sectors or sector + count < sector:
+        raise InvalidRequest("invalid_range", f"sectors {sector}+{count} of {lim.sectors}")
+    if align and (sector & align or count & align):
+        raise InvalidRequest("invalid_range", "range not aligned to sector-size")

@@ -1,0 +1,207 @@
+"""XenStore node names of a blkif device and the negotiation they carry.
+
+Pure: callers pass a ``read(key) -> Optional[str]`` over one directory, so this is
+testable with a dict. Names are exactly those of blkif.h (PROTOCOL.md §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..errors import NegotiationError
+from .abi import Abi, abi_for_protocol
+from .const import MAX_RING_PAGE_ORDER
+
+# --- written by the toolstack into the backend directory ---------------------------
+FRONTEND = "frontend"
+FRONTEND_ID = "frontend-id"
+ONLINE = "online"
+STATE = "state"
+PARAMS = "params"
+MODE = "mode"
+DEVICE_TYPE = "device-type"
+DIRECT_IO_SAFE = "direct-io-safe"
+DISCARD_ENABLE = "discard-enable"
+REMOVABLE = "removable"
+# --- written by the backend -----------------------------------------------------
+MAX_RING_PAGE_ORDER_KEY = "max-ring-page-order"
+FEATURE_MAX_INDIRECT_SEGMENTS = "feature-max-indirect-segments"
+MULTI_QUEUE_MAX_QUEUES = "multi-queue-max-queues"
+HOTPLUG_STATUS = "hotplug-status"
+HOTPLUG_ERROR = "hotplug-error"
+SECTORS = "sectors"
+SECTOR_SIZE_KEY = "sector-size"
+PHYSICAL_SECTOR_SIZE = "physical-sector-size"
+INFO = "info"
+FEATURE_FLUSH_CACHE = "feature-flush-cache"
+FEATURE_BARRIER = "feature-barrier"
+FEATURE_DISCARD = "feature-discard"
+DISCARD_GRANULARITY = "discard-granularity"
+DISCARD_ALIGNMENT = "discard-alignment"
+DISCARD_SECURE = "discard-secure"
+FEATURE_PERSISTENT = "feature-persistent"
+# --- written by the frontend ----------------------------------------------------
+RING_REF = "ring-ref"
+RING_PAGE_ORDER = "ring-page-order"
+EVENT_CHANNEL = "event-channel"
+PROTOCOL = "protocol"
+MULTI_QUEUE_NUM_QUEUES = "multi-queue-num-queues"
+BACKEND = "backend"
+BACKEND_ID = "backend-id"
+VIRTUAL_DEVICE = "virtual-device"
+
+Read = Callable[[str], Optional[str]]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What the backend advertised before InitWait."""
+
+    max_ring_page_order: int = MAX_RING_PAGE_ORDER
+    max_queues: int = 1
+    persistent: bool = True
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    ring_refs: Tuple[int, ...]
+    event_channel: int
+
+
+@dataclass(frozen=True)
+class FrontendParams:
+    """Everything the backend needs from the frontend to connect."""
+
+    abi: Abi
+    ring_page_order: int
+    queues: Tuple[QueueSpec, ...]
+    persistent: bool
+
+
+def parse_uint(value: Optional[str], what: str, limit: int = 0xFFFFFFFF) -> int:
+    if value is None:
+        raise NegotiationError(f"{what} missing")
+    v = value.strip()
+    if not v.isdigit():
+        raise NegotiationError(f"{what} is not a number: {value!r}")
+    n = int(v)
+    if n > limit:
+        raise NegotiationError(f"{what} out of range: {n}")
+    return n
+
+
+def parse_bool(value: Optional[str], default: bool = False) -> bool:
+    if value is None:
+        return default
+    return value.strip() not in ("", "0")
+
+
+def _queue(read: Read, prefix: str, order: int) -> QueueSpec:
+    if order == 0 and read(prefix + RING_REF) is not None:
+        refs: Tuple[int, ...] = (parse_uint(read(prefix + RING_REF), prefix + RING_REF),)
+    else:
+        refs = tuple(
+            parse_uint(read(f"{prefix}{RING_REF}{i}"), f"{prefix}{RING_REF}{i}")
+            for i in range(1 << order)
+        )
+    port = parse_uint(read(prefix + EVENT_CHANNEL), prefix + EVENT_CHANNEL)
+    return QueueSpec(refs, port)
+
+
+def parse_frontend(read: Read, offer: Offer) -> FrontendParams:
+    """Read the frontend directory as blkback does at connect time."""
+    abi = abi_for_protocol(read(PROTOCOL))
+    order_s = read(RING_PAGE_ORDER)
+    order = 0 if order_s is None else parse_uint(order_s, RING_PAGE_ORDER, 31)
+    if order > offer.max_ring_page_order:
+        raise NegotiationError(
+            f"ring-page-order {order} above the offered {offer.max_ring_page_order}"
+        )
+    nq_s = read(MULTI_QUEUE_NUM_QUEUES)
+    if nq_s is None:
+        queues: Tuple[QueueSpec, ...] = (_queue(read, "", order),)
+    else:
+        nq = parse_uint(nq_s, MULTI_QUEUE_NUM_QUEUES, 0xFFFF)
+        if not 1 <= nq <= offer.max_queues:
+            raise NegotiationError(
+                f"multi-queue-num-queues {nq} outside 1..{offer.max_queues}"
+            )
+        if nq == 1 and read(EVENT_CHANNEL) is not None:
+            queues = (_queue(read, "", order),)  # Linux writes one queue the old way
+        else:
+            queues = tuple(_queue(read, f"queue-{i}/", order) for i in range(nq))
+    persistent = offer.persistent and parse_bool(read(FEATURE_PERSISTENT))
+    return FrontendParams(abi, order, queues, persistent)
+
+
+def parse_params(kind: str, params: str) -> Tuple[str, str]:
+    """``params`` as libxl writes it -> (format, path). ``vbd``: a plain path;
+    ``qdisk``/``vbd3``: ``<format>:<path>`` (``aio`` means raw); a plain absolute path
+    is taken as raw for every kind."""
+    p = params.strip()
+    if not p:
+        raise NegotiationError("params is empty")
+    if kind == "vbd" or p.startswith("/"):
+        return "raw", p
+    fmt, sep, path = p.partition(":")
+    if not sep or not path:
+        raise NegotiationError(f"params {params!r} is not <format>:<path>")
+    fmt = fmt.lower()
+    if fmt == "aio":
+        fmt = "raw"
+    return fmt, path
+
+
+def connect_nodes(
+    sectors: int,
+    sector_size: int,
+    physical_sector_size: int,
+    info: int,
+    flush: bool,
+    barrier: bool,
+    discard: Optional[Tuple[int, int, bool]],
+    persistent: bool,
+) -> Dict[str, str]:
+    """The nodes written at connect time, before state=Connected. ``discard`` is
+    (granularity, alignment, secure) or None; alignment is always written with it."""
+    nodes = {
+        SECTORS: str(sectors),
+        SECTOR_SIZE_KEY: str(sector_size),
+        PHYSICAL_SECTOR_SIZE: str(physical_sector_size),
+        INFO: str(info),
+        FEATURE_FLUSH_CACHE: "1" if flush else "0",
+        FEATURE_BARRIER: "1" if barrier else "0",
+        FEATURE_PERSISTENT: "1" if persistent else "0",
+    }
+    if discard is not None:
+        gran, align, secure = discard
+        nodes[FEATURE_DISCARD] = "1"
+        nodes[DISCARD_GRANULARITY] = str(gran)
+        nodes[DISCARD_ALIGNMENT] = str(align)
+        nodes[DISCARD_SECURE] = "1" if secure else "0"
+    else:
+        nodes[FEATURE_DISCARD] = "0"
+    return nodes
+
+
+def early_nodes(offer: Offer, max_indirect_segments: int) -> Dict[str, str]:
+    """Written before InitWait: frontends read these early."""
+    nodes = {
+        MAX_RING_PAGE_ORDER_KEY: str(offer.max_ring_page_order),
+        MULTI_QUEUE_MAX_QUEUES: str(offer.max_queues),
+        FEATURE_PERSISTENT: "1" if offer.persistent else "0",
+    }
+    if max_indirect_segments:
+        nodes[FEATURE_MAX_INDIRECT_SEGMENTS] = str(max_indirect_segments)
+    return nodes
+
+
+def backend_path(backend_domid: int, kind: str, frontend_domid: int, devid: int) -> str:
+    return f"/local/domain/{backend_domid}/backend/{kind}/{frontend_domid}/{devid}"
+
+
+def frontend_path(frontend_domid: int, devid: int) -> str:
+    return f"/local/domain/{frontend_domid}/device/vbd/{devid}"
+
+

@@ -1,0 +1,124 @@
+"""Plain statistics objects the dataplane and control plane count into.
+
+No locks, no gevent, no prometheus: the engine increments plain ints on the hub,
+and ``gblk.metrics`` reads them at scrape time. Removing a DeviceStats from
+``DaemonStats.devices`` makes its series disappear.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import DefaultDict, Dict, List, Sequence, Tuple
+
+#: seconds; from a 4 KiB random read on a fast store to 1 MiB sequential on a slow one
+LATENCY_BUCKETS: Tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+#: requests handled per ring pass
+BATCH_BUCKETS: Tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+#: op labels (the effective op: an INDIRECT request counts as its indirect_op)
+OPS = ("read", "write", "barrier", "flush", "discard", "unsupported")
+
+#: error reasons (low cardinality: these and nothing else)
+REASONS = (
+    "invalid_segment_count",  # nr_segments out of range
+    "invalid_segment",  # first_sect > last_sect, last_sect > 7
+    "invalid_range",  # wrap-around or past the end of the disk
+    "invalid_indirect",  # bad indirect_op / indirect page contents
+    "read_only",  # write/flush-with-data/discard on mode=r or cdrom
+    "unsupported_op",  # answered EOPNOTSUPP
+    "io_error",  # the backing store failed
+    "grant_map",  # a grant could not be mapped
+    "grant_copy",  # a grant copy segment failed
+    "ring_halted",  # bogus producer index: ring stopped
+)
+
+
+class Histogram:
+    """Cumulative-on-read histogram: ``counts[i]`` counts observations <= buckets[i]
+    (non-cumulative in storage), plus +Inf at the end."""
+
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        self.counts: List[int] = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> List[Tuple[str, int]]:
+        """[(le, cumulative count)] including '+Inf', as Prometheus wants it."""
+        out: List[Tuple[str, int]] = []
+        acc = 0
+        for bound, n in zip(self.buckets, self.counts):
+            acc += n
+            out.append((repr(float(bound)), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+def _latency() -> Histogram:
+    return Histogram(LATENCY_BUCKETS)
+
+
+@dataclass
+class RingStats:
+    """One ring (queue) of one device."""
+
+    queue: int = 0
+    slots: int = 0
+    requests: DefaultDict[str, int] = field(default_factory=lambda: defaultdict(int))
+    bytes: DefaultDict[str, int] = field(default_factory=lambda: defaultdict(int))
+    latency: DefaultDict[str, Histogram] = field(default_factory=lambda: defaultdict(_latency))
+    errors: DefaultDict[str, int] = field(default_factory=lambda: defaultdict(int))
+    batches: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
+    in_flight: int = 0
+    #: requests published by the frontend and not yet answered (unconsumed + in flight)
+    ring_fill: int = 0
+    grant_maps: int = 0
+    grant_unmaps: int = 0
+    grant_copy_segments: int = 0
+    notifications_received: int = 0
+    notifications_sent: int = 0
+    halted: bool = False
+
+
+@dataclass
+class DeviceStats:
+    """One virtual disk (one backend directory)."""
+
+    domain: int
+    device: int
+    kind: str
+    state: int = 1
+    connected_since: float = 0.0
+    reconnects: int = 0
+    sectors: int = 0
+    persistent_grants: int = 0
+    persistent_grants_limit: int = 0
+    persistent_grant_evictions: int = 0
+    #: device-level failures (storage could not be opened, negotiation failed)
+    errors: DefaultDict[str, int] = field(default_factory=lambda: defaultdict(int))
+    rings: Dict[int, RingStats] = field(default_factory=dict)
+    #: monotonic time of the last state change (for "stuck" detection in /healthz)
+    state_since: float = 0.0
+
+
+@dataclass
+class DaemonStats:
+    """Everything the metrics exporter reads."""
+
+    devices: Dict[Tuple[int, str, int], DeviceStats] = field(default_factory=dict)
+    xenstore_connections: int = 0
+    xenstore_connected: bool = False
+    watch_events: int = 0
+    started: float = 0.0

@@ -1,0 +1,57 @@
+"""The Store interface and ``open_store``: which formats gblk serves."""
+
+from __future__ import annotations
+
+import abc
+from typing import Sequence
+
+from ..errors import StorageError
+
+#: formats of libxl's ``params`` that gblk serves (``aio`` is mapped to ``raw`` by blkif)
+SUPPORTED_FORMATS = ("raw",)
+
+
+class Store(abc.ABC):
+    """A backing store addressed in bytes. Every method blocks."""
+
+    #: logical block size in bytes (alignment of every IO); 512 for plain files
+    sector_size: int = 512
+    physical_sector_size: int = 512
+    readonly: bool = False
+    discard_granularity: int = 4096
+    discard_alignment: int = 0
+    supports_discard: bool = True
+    supports_secure_discard: bool = False
+
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Current size in bytes (re-read: the store may have grown)."""
+
+    @abc.abstractmethod
+    def readv(self, views: Sequence[memoryview], offset: int) -> None:
+        """Fill every view from ``offset`` on, completely, or raise OSError."""
+
+    @abc.abstractmethod
+    def writev(self, views: Sequence[memoryview], offset: int) -> None:
+        """Write every view from ``offset`` on, completely, or raise OSError."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync)."""
+
+    @abc.abstractmethod
+    def discard(self, offset: int, length: int, secure: bool = False) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Store:
+    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise."""
+    if fmt not in SUPPORTED_FORMATS:
+        raise StorageError(
+            f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    from .raw import RawStore
+
+    return RawStore(path, readonly=readonly, direct=direct)
