@@ -7,7 +7,7 @@ reason ``unsupported_op`` is answered EOPNOTSUPP, every other one ERROR.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence
 
 from ..errors import InvalidRequest
 from .abi import Request, Segment
@@ -93,7 +93,7 @@ def indirect_pages(nr_segments: int) -> int:
     )
 
 
-def check_segments(req: Request, segments: Tuple[Segment, ...], lim: DiskLimits) -> int:
+def check_segments(sector: int, segments: Sequence[Segment], lim: DiskLimits) -> int:
     """Check each segment and the whole range; return the request's length in sectors."""
     total = 0
     align = lim.sector_size // SECTOR_SIZE - 1  # in 512-byte sectors
@@ -103,7 +103,7 @@ def check_segments(req: Request, segments: Tuple[Segment, ...], lim: DiskLimits)
         if align and (s.first_sect & align or (s.last_sect + 1) & align):
             raise InvalidRequest("invalid_segment", "segment not aligned to sector-size")
         total += s.last_sect - s.first_sect + 1
-    check_range(req.sector_number, total, lim)
+    check_range(sector, total, lim)
     return total
 
 

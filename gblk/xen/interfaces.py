@@ -43,6 +43,9 @@ class GrantMapping(abc.ABC):
     """
 
     pages: Sequence[memoryview]
+    #: all pages as one buffer, when the implementation maps them adjacently
+    #: (libxengnttab does; needed for multi-page rings, whose slots straddle pages)
+    contiguous: Optional[memoryview] = None
 
     @abc.abstractmethod
     def unmap(self) -> None: ...

@@ -1,0 +1,271 @@
+"""The ``gblk`` command: argument parsing, configuration, logging and exit codes.
+
+Subcommands:
+
+- ``gblk serve``: the daemon (``gblk.daemon.serve``) on real Xen or a simulated host;
+- ``gblk demo``: a simulated host, the daemon and guests doing verified IO (``gblk.demo``);
+- ``gblk sim COMPONENT ...``: one piece of the simulated host, e.g.
+  ``gblk sim xenstored --socket PATH`` (``gblk.sim.<component>.main(argv)``);
+- ``gblk bench ...``: the benchmarks (``gblk.bench.main(argv)``);
+- ``gblk config``: check the configuration and print it as gblk would use it.
+
+Exit codes: 0 success, 1 an expected failure (a :class:`gblk.errors.GblkError`, shown
+as one line ``gblk: <message>``), 2 a configuration or usage error, 130 interrupted.
+Tracebacks only with ``--debug``.
+
+This is an entry point: it monkey-patches gevent (``patch_all(queue=False)``, before
+anything imports pyxs) for the commands that run gevent code, and imports the heavy
+layers lazily so ``gblk config`` and ``--help`` stay fast and Xen-free. It must not
+contain daemon logic; it only chooses and calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import gblk
+from gblk.errors import ConfigError, GblkError
+
+#: subcommands that run gevent code (and may import pyxs)
+_GEVENT_COMMANDS = frozenset({"serve", "demo", "sim", "bench"})
+
+
+def _patch_gevent() -> None:
+    """Monkey-patch before pyxs or the daemon are imported. ``queue=False``: with
+    gevent >= 25.4 a patched ``queue`` breaks pyxs's ``Monitor.wait``."""
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all(queue=False)
+
+
+def _kinds_arg(text: str) -> List[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``serve`` and ``config``: each overrides one configuration key."""
+    group = parser.add_argument_group("configuration (flags override the file)")
+    group.add_argument(
+        "--config", metavar="PATH", default=None,
+        help="TOML configuration file (default: /etc/gblk/gblk.toml if it exists)",
+    )
+    group.add_argument(
+        "--xen", metavar="real|sim:DIR", default=None,
+        help="host to serve: 'real' Xen or the simulated host in DIR (daemon.xen)",
+    )
+    group.add_argument(
+        "--kinds", metavar="KIND[,KIND]", type=_kinds_arg, action="append", default=None,
+        help="backend kinds to serve: qdisk, vbd, vbd3 (daemon.kinds; repeatable)",
+    )
+    group.add_argument(
+        "--metrics-address", metavar="HOST:PORT", default=None,
+        help="where to serve /metrics and /healthz (metrics.address)",
+    )
+    group.add_argument(
+        "--no-metrics", action="store_true", default=False,
+        help="do not serve metrics (metrics.enabled = false)",
+    )
+    group.add_argument(
+        "--log-level", metavar="LEVEL", default=None,
+        help="debug, info, warning or error (daemon.log_level)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> Dict[str, object]:
+    kinds: Optional[List[str]] = None
+    if args.kinds is not None:
+        kinds = [k for group in args.kinds for k in group]
+    return {
+        "daemon.xen": args.xen,
+        "daemon.kinds": kinds,
+        "metrics.address": args.metrics_address,
+        "metrics.enabled": False if args.no_metrics else None,
+        "daemon.log_level": args.log_level,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=False,
+        help="debug logging and full tracebacks on errors",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="gblk",
+        description="gblk: a userspace Xen paravirtual block backend.",
+    )
+    parser.add_argument("--version", action="version", version=f"gblk {gblk.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser(
+        "serve", parents=[common], help="run the backend daemon",
+        description="Serve Xen virtual disks until SIGTERM/SIGINT; SIGHUP re-reads the "
+        "configuration.",
+    )
+    _config_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="run a simulated host, gblk and guests doing verified IO",
+        description="Start a simulated Xen host, the daemon and guests that run a mixed, "
+        "verified workload; exit 0 only if nothing failed or mismatched.",
+    )
+    demo.add_argument("--guests", type=int, default=1, metavar="N", help="number of guests (default 1)")
+    demo.add_argument("--seconds", type=float, default=20.0, metavar="S", help="workload duration (default 20)")
+    demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    demo.add_argument("--image", metavar="PATH", default=None, help="serve this image instead of a scratch one")
+    demo.add_argument("--format", metavar="FMT", default=None, help="format of --image (default raw)")
+    demo.add_argument(
+        "--metrics-address", metavar="HOST:PORT", default=None,
+        help="serve Prometheus metrics here while the demo runs",
+    )
+    demo.set_defaults(func=_cmd_demo)
+
+    sim = sub.add_parser(
+        "sim", parents=[common], help="run one component of the simulated host",
+        description="Run gblk.sim.COMPONENT, e.g. 'gblk sim xenstored --socket PATH'.",
+    )
+    sim.add_argument("component", metavar="COMPONENT", help="e.g. xenstored")
+    sim.add_argument("argv", nargs=argparse.REMAINDER, help="the component's own arguments")
+    sim.set_defaults(func=_cmd_sim)
+
+    bench = sub.add_parser(
+        "bench", parents=[common], help="run the benchmarks on the simulated host",
+        description="Run gblk's benchmarks; arguments go to gblk.bench.",
+    )
+    bench.add_argument("argv", nargs=argparse.REMAINDER, help="benchmark arguments")
+    bench.set_defaults(func=_cmd_bench)
+
+    config = sub.add_parser(
+        "config", parents=[common], help="check the configuration and print the effective one",
+        description="Validate the configuration file and flags; print the result as TOML.",
+    )
+    _config_flags(config)
+    config.add_argument("--quiet", "-q", action="store_true", help="print nothing, only check")
+    config.set_defaults(func=_cmd_config)
+    return parser
+
+
+# --------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from gblk.config import load_config
+
+    config = load_config(args.config, _overrides(args))
+    if not args.quiet:
+        source = config.path or "(no file: defaults)"
+        sys.stdout.write(f"# gblk {gblk.__version__} configuration from {source}\n")
+        sys.stdout.write(config.to_toml())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from gblk.config import load_config
+    from gblk.logs import setup_logging
+
+    config = load_config(args.config, _overrides(args))
+    setup_logging("debug" if args.debug else config.daemon.log_level)
+    serve = _load("gblk.daemon", "serve", "the daemon")
+    return int(serve(config, debug=args.debug))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from gblk.logs import setup_logging
+
+    if args.guests < 1:
+        raise _Usage("--guests must be at least 1")
+    if args.seconds <= 0:
+        raise _Usage("--seconds must be greater than 0")
+    if args.metrics_address is not None:
+        from gblk.config import parse_address
+
+        try:
+            parse_address(args.metrics_address)
+        except ValueError as exc:
+            raise _Usage(f"--metrics-address {exc}") from None
+    setup_logging("debug" if args.debug else "warning")
+    demo_main = _load("gblk.demo", "main", "the demo")
+    return int(demo_main(args))
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from gblk.logs import setup_logging
+
+    name = args.component
+    if not name.isidentifier() or name.startswith("_"):
+        raise _Usage(f"unknown simulator component {name!r}")
+    setup_logging("debug" if args.debug else "info")
+    component = _load(f"gblk.sim.{name}", "main", f"simulator component {name!r}", usage=True)
+    return int(component(list(args.argv)))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from gblk.logs import setup_logging
+
+    setup_logging("debug" if args.debug else "warning")
+    bench_main = _load("gblk.bench", "main", "the benchmarks")
+    return int(bench_main(list(args.argv)))
+
+
+class _Usage(GblkError):
+    """A usage error found after argparse (exit code 2)."""
+
+
+class _Missing(GblkError):
+    """A part of gblk that this installation does not have."""
+
+
+def _load(module: str, attr: str, what: str, usage: bool = False) -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
+        cls = _Usage if usage else _Missing
+        raise cls(f"{what} is not available in this installation ({module} is missing)") from None
+    func = getattr(mod, attr, None)
+    if not callable(func):
+        raise _Missing(f"{what} is not available in this installation ({module}.{attr} is missing)")
+    return func
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``gblk`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version, usage errors
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    debug = bool(getattr(args, "debug", False))
+    if args.command in _GEVENT_COMMANDS:
+        _patch_gevent()
+    try:
+        return int(args.func(args))
+    except GblkError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"gblk: {_one_line(exc)}\n")
+        sys.stderr.flush()
+        return 2 if isinstance(exc, (ConfigError, _Usage)) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The composition root: builds everything from a Config and runs it.
+
+Owns the top-level greenlets (bus, metrics, watchdog), handles signals (a handler
+only sets a flag; the main greenlet does the work), drains in order on stop, and
+talks to systemd. The only place besides the cli and the tests that chooses
+between the real Xen host and the simulated one.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any, List, Optional
+
+import gevent
+import gevent.event
+
+from . import __version__
+from .config import Config
+from .device.bus import Bus
+from .device.device import DeviceContext
+from .engine.stats import DaemonStats
+from .errors import ConfigError, GblkError
+from .logs import GuestLogRate, set_level
+from .sdnotify import Notifier, watchdog_interval
+from .xen.interfaces import XenHost
+
+log = logging.getLogger("gblk.daemon")
+
+
+def make_host(config: Config) -> XenHost:
+    """The real Xen host, or the simulated one for ``xen = "sim:DIR"``."""
+    sim_dir = config.daemon.sim_dir
+    if sim_dir is not None:
+        from .sim.xenhost import SimXenHost
+
+        return SimXenHost(sim_dir)
+    from .xen.host import RealXenHost
+
+    return RealXenHost(timeout=config.daemon.xenstore_timeout)
+
+
+class Daemon:
+    def __init__(self, config: Config, host: Optional[XenHost] = None) -> None:
+        self.config = config
+        self.host = host
+        self.stats = DaemonStats(started=time.time())
+        self.log_rate = GuestLogRate(config.backend.guest_log_rate)
+        self.notifier = Notifier()
+        self.bus: Optional[Bus] = None
+        self.metrics: Any = None
+        self.xs: Any = None
+        self._stop = gevent.event.Event()
+        self._hup = False
+        self._greenlets: List[gevent.Greenlet] = []
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        if self.host is None:
+            self.host = make_host(cfg)
+        host = self.host
+        if "vbd" in cfg.daemon.kinds and host.blkback_loaded():
+            raise ConfigError(
+                "daemon.kinds includes vbd, but the kernel's xen-blkback is loaded and claims "
+                "every vbd: unload it (modprobe -r xen-blkback) or serve qdisk/vbd3 only")
+        # fail fast, with one clear line, when a piece of Xen is missing
+        self.xs = host.open_xenstore()
+        host.open_grant_table().close()
+        host.open_event_channel().close()
+        self.stats.xenstore_connected = True
+        hub = gevent.get_hub()
+        hub.threadpool.maxsize = cfg.backend.io_threads
+        if cfg.metrics.enabled:
+            from .metrics.collector import make_registry
+            from .metrics.exporter import MetricsServer
+            from .metrics.health import stats_health
+
+            self.metrics = MetricsServer(cfg.metrics.address, make_registry(self.stats),
+                                         stats_health(self.stats))
+            self.metrics.start()
+        ctx = DeviceContext(
+            host=host, xs=self.xs, pool=hub.threadpool, config=cfg.backend, stats=self.stats,
+            log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
+            backend_domid=host.domid,
+        )
+        self.bus = Bus(ctx, cfg.daemon.kinds)
+        self.bus.start()
+        self._greenlets.append(gevent.spawn(self._housekeeping))
+        log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
+                 cfg.daemon.xen, host.domid,
+                 f", metrics on http://{self.metrics_address()}/metrics" if self.metrics else "")
+
+    def metrics_address(self) -> str:
+        if self.metrics is None:
+            return ""
+        from .metrics.exporter import format_address
+
+        return format_address(*self.metrics.address)
+
+    def stop(self) -> None:
+        """Drain in order: stop taking new devices, answer in-flight IO of every
+        device, stop metrics, close XenStore. Idempotent."""
+        for g in self._greenlets:
+            g.kill(block=False)
+        self._greenlets = []
+        if self.bus is not None:
+            bus, self.bus = self.bus, None
+            bus.stop(self.config.daemon.stop_timeout)
+        if self.metrics is not None:
+            m, self.metrics = self.metrics, None
+            m.stop()
+        if self.xs is not None:
+            xs, self.xs = self.xs, None
+            xs.close()
+        if self.host is not None:
+            self.host.close()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._hup = True
+        self._stop.set()  # wake the main greenlet; it tells the two apart
+
+    # -- what runs -----------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT. Returns the exit code."""
+        handlers = [
+            gevent.signal_handler(signal.SIGTERM, self.request_stop),
+            gevent.signal_handler(signal.SIGINT, self.request_stop),
+            gevent.signal_handler(signal.SIGHUP, self.request_reload),
+        ]
+        try:
+            try:
+                self.start()
+            except BaseException:
+                self.stop()
+                raise
+            n = len(self.bus.devices) if self.bus else 0
+            self.notifier.ready(status=f"serving {n} device(s)")
+            interval = watchdog_interval() if self.config.daemon.watchdog else None
+            if interval:
+                self._greenlets.append(gevent.spawn(self._watchdog, interval))
+            while True:
+                self._stop.wait()
+                if self._hup:
+                    self._hup = False
+                    self._stop.clear()
+                    self._reload()
+                    continue
+                break
+            log.info("stopping: answering in-flight requests (at most %.0fs)",
+                     self.config.daemon.stop_timeout)
+            self.notifier.stopping(status="stopping")
+            self.stop()
+            log.info("stopped")
+            return 0
+        finally:
+            for h in handlers:
+                h.cancel()
+            self.notifier.close()
+
+    def _watchdog(self, interval: float) -> None:
+        # pinged from the event loop itself: a blocked loop stops the pings
+        while True:
+            self.notifier.watchdog()
+            gevent.sleep(interval / 2)
+
+    def _housekeeping(self) -> None:
+        last = -1
+        while True:
+            xs = self.xs
+            if xs is not None:
+                self.stats.xenstore_connections = int(getattr(xs, "connections", 1))
+                self.stats.xenstore_connected = bool(getattr(xs, "connected", True))
+            n = len(self.bus.devices) if self.bus else 0
+            if n != last:
+                self.notifier.status(f"serving {n} device(s)")
+                last = n
+            gevent.sleep(1.0)
+
+    def _reload(self) -> None:
+        self.notifier.reloading(status="reloading configuration")
+        try:
+            new = self.config.reload()
+        except GblkError as e:
+            log.error("configuration not reloaded: %s", e)
+            self.notifier.ready(status="reload failed; old configuration kept")
+            return
+        applied, not_applied = self.config.reload_diff(new)
+        self.config = self.config.with_live_changes(new)
+        cfg = self.config
+        if "daemon.log_level" in applied:
+            set_level(cfg.daemon.log_level)
+        self.log_rate.per_minute = cfg.backend.guest_log_rate
+        if self.bus is not None:
+            self.bus.ctx.config = cfg.backend
+            if "backend.max_persistent_grants" in applied:
+                for d in self.bus.devices.values():
+                    d.set_persistent_limit(cfg.backend.max_persistent_grants)
+        if applied:
+            log.info("reloaded: applied %s", ", ".join(applied))
+        if not_applied:
+            log.warning("not applied (restart gblk to change): %s", ", ".join(not_applied))
+        if not applied and not not_applied:
+            log.info("reloaded: nothing changed")
+        self.notifier.ready(status="serving")
+
+
+def serve(config: Config, debug: bool = False) -> int:
+    """``gblk serve``: run the daemon until SIGTERM/SIGINT."""
+    return Daemon(config).run()

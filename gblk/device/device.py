@@ -1,0 +1,374 @@
+"""One virtual disk: reads its XenStore nodes, opens its store, owns its rings.
+
+A greenlet per device watches the backend directory and the frontend's ``state``,
+re-reads the current values on every event and applies ``state.decide`` until it
+says NONE. Any failure is contained here: the device goes Closed with a clear
+message in ``hotplug-error``; the daemon and every other device carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import gevent
+
+from ..blkif import xenbus as xb
+from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
+from ..blkif.const import XenbusState as S
+from ..blkif.validate import DiskLimits
+from ..config import BackendConfig
+from ..engine import jobs
+from ..engine.ring import RingContext, RingWorker
+from ..engine.stats import DaemonStats, DeviceStats, RingStats
+from ..errors import GblkError, NegotiationError, XenStoreError
+from ..logs import DeviceLogger, GuestLogRate, device_logger
+from ..storage import Store, open_store
+from ..xen.interfaces import GrantTable, XenHost, XenStore, XenStoreOps
+from .state import Action, decide
+
+RESIZE_CHECK_INTERVAL = 2.0
+
+
+@dataclass
+class DeviceContext:
+    """What every device of one daemon shares."""
+
+    host: XenHost
+    xs: XenStore
+    pool: Any  # gevent threadpool
+    config: BackendConfig
+    stats: DaemonStats
+    log_rate: GuestLogRate
+    stop_timeout: float
+    backend_domid: int = 0
+
+
+def _state(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    try:
+        n = int(value.strip())
+    except ValueError:
+        return S.UNKNOWN
+    return n if 0 <= n <= 8 else S.UNKNOWN
+
+
+class Device:
+    def __init__(self, ctx: DeviceContext, kind: str, domid: int, devid: int,
+                 on_removed: Callable[["Device"], None]) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.domid = domid
+        self.devid = devid
+        self.path = xb.backend_path(ctx.backend_domid, kind, domid, devid)
+        self.key = (domid, kind, devid)
+        self.stats = DeviceStats(domid, devid, kind, state_since=time.monotonic())
+        self.log: DeviceLogger = device_logger(domid, devid, ctx.log_rate)
+        self._on_removed = on_removed
+        self.store: Optional[Store] = None
+        self.gnttab: Optional[GrantTable] = None
+        self.rings: List[RingWorker] = []
+        self.attached = False
+        self.removed = False
+        self._failed_on: Optional[tuple] = None
+        self._frontend: Optional[str] = None
+        self._greenlet: Optional[gevent.Greenlet] = None
+        self._sub: Any = None
+        self._readonly = False
+        self._cdrom = False
+        self._direct = False
+        self._discard_enable = True
+        self._connected_before = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        self.ctx.stats.devices[self.key] = self.stats
+        self._greenlet = gevent.spawn(self._run)
+        self._greenlet.link_exception(self._crashed)
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Daemon shutdown: answer in-flight IO, release everything, leave XenStore
+        as it is (a restarted gblk takes the device over). Idempotent."""
+        g = self._greenlet
+        if g is not None and g is not gevent.getcurrent():
+            g.kill(block=True, timeout=1)
+        self._release(timeout if timeout is not None else self.ctx.stop_timeout)
+        self.ctx.stats.devices.pop(self.key, None)
+
+    def _release(self, timeout: float) -> None:
+        self._stop_rings(timeout)
+        if self.store is not None:
+            store, self.store = self.store, None
+            self.ctx.pool.apply(store.close)
+        if self.gnttab is not None:
+            g, self.gnttab = self.gnttab, None
+            g.close()
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        self.log.flush_suppressed()
+
+    def _crashed(self, g: gevent.Greenlet) -> None:
+        self.log.error("device failed: %r; releasing it", g.exception)
+        self.stats.errors["device_failed"] += 1
+        try:
+            self._release(self.ctx.stop_timeout)
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.removed:
+            self.removed = True
+            self.ctx.stats.devices.pop(self.key, None)
+            self._on_removed(self)
+
+    # -- the control loop ----------------------------------------------------------
+    def _run(self) -> None:
+        xs = self.ctx.xs
+        self._frontend = xs.read(f"{self.path}/{xb.FRONTEND}")
+        paths = [self.path]
+        if self._frontend:
+            paths.append(f"{self._frontend}/{xb.STATE}")
+        self._sub = xs.watch(paths)
+        while True:
+            self._evaluate()
+            if self.removed:
+                return
+            fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
+            if fired is None and self.attached:
+                self._check_resize()
+
+    def _read_states(self) -> tuple:
+        xs = self.ctx.xs
+        b = _state(xs.read(f"{self.path}/{xb.STATE}"))
+        online = (xs.read(f"{self.path}/{xb.ONLINE}") or "0").strip() == "1"
+        f = _state(xs.read(f"{self._frontend}/{xb.STATE}")) if self._frontend else None
+        return b, f, online
+
+    def _evaluate(self) -> None:
+        for _ in range(8):  # each step changes our own state; 8 is more than any path needs
+            b, f, online = self._read_states()
+            action = decide(b, f, online, self.attached)
+            if self._failed_on is not None:
+                if self._failed_on == (f, online) and action not in (Action.REMOVE, Action.CLOSE):
+                    return  # failed here before: wait until the frontend or toolstack moves
+                self._failed_on = None
+            if action is Action.NONE:
+                return
+            self.log.debug("backend %s frontend %s online %s: %s", b, f, online, action.value)
+            try:
+                self._apply(action)
+            except (GblkError, OSError) as e:
+                self._fail(str(e), f, online)
+                return
+            if self.removed:
+                return
+
+    def _apply(self, action: Action) -> None:
+        if action is Action.REMOVE:
+            self._release(self.ctx.stop_timeout)
+            self.log.info("removed")
+            self._finish()
+        elif action is Action.INIT_WAIT:
+            self._prepare()
+            self._set_state(S.INIT_WAIT)
+        elif action is Action.CONNECT:
+            if self.store is None:
+                self._prepare()
+            self._connect()
+        elif action is Action.CLOSING:
+            self._set_state(S.CLOSING)
+        elif action is Action.CLOSE:
+            self._stop_rings(self.ctx.stop_timeout)
+            self._set_state(S.CLOSED)
+        elif action is Action.RECONNECT:
+            self._stop_rings(self.ctx.stop_timeout)
+            if self.store is None:
+                self._prepare()
+            self._set_state(S.INIT_WAIT)
+
+    def _fail(self, message: str, f: Optional[int], online: bool) -> None:
+        self.log.error("%s", message)
+        self.stats.errors["device_failed"] += 1
+        self._failed_on = (f, online)
+        self._stop_rings(self.ctx.stop_timeout)
+        try:
+            def tx(t: XenStoreOps) -> None:
+                if t.read(f"{self.path}/{xb.STATE}") is None:
+                    return
+                t.write(f"{self.path}/{xb.HOTPLUG_ERROR}", message[:1024])
+                t.write(f"{self.path}/{xb.HOTPLUG_STATUS}", "error")
+                t.write(f"{self.path}/{xb.STATE}", str(int(S.CLOSED)))
+            self.ctx.xs.transaction(tx)
+            self._note_state(S.CLOSED)
+        except XenStoreError as e:
+            self.log.error("cannot report the failure in XenStore: %s", e)
+
+    # -- steps ------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Open the backing store and write the nodes frontends read early."""
+        xs = self.ctx.xs
+        cfg = self.ctx.config
+        params = xs.read(f"{self.path}/{xb.PARAMS}")
+        if params is None:
+            raise NegotiationError(f"{self.path}/params missing")
+        fmt, path = xb.parse_params(self.kind, params)
+        mode = (xs.read(f"{self.path}/{xb.MODE}") or "r").strip()
+        dtype = (xs.read(f"{self.path}/{xb.DEVICE_TYPE}") or "disk").strip()
+        self._cdrom = dtype == "cdrom"
+        self._readonly = not mode.startswith("w") or self._cdrom
+        dio_safe = xb.parse_bool(xs.read(f"{self.path}/{xb.DIRECT_IO_SAFE}"))
+        self._direct = cfg.direct_io == "always" or (cfg.direct_io == "auto" and dio_safe)
+        self._discard_enable = cfg.discard and xb.parse_bool(
+            xs.read(f"{self.path}/{xb.DISCARD_ENABLE}"), default=True)
+        if self.store is None:
+            self.store = self.ctx.pool.apply(open_store, (fmt, path, self._readonly, self._direct))
+        if self.gnttab is None:
+            self.gnttab = self.ctx.host.open_grant_table()
+        offer = self._offer()
+        nodes = xb.early_nodes(offer, cfg.max_indirect_segments)
+        nodes[xb.HOTPLUG_STATUS] = "connected"
+
+        def tx(t: XenStoreOps) -> None:
+            for k, v in nodes.items():
+                t.write(f"{self.path}/{k}", v)
+        self.ctx.xs.transaction(tx)
+        self.log.info("opened %s (%s, %s%s)", path, fmt, "ro" if self._readonly else "rw",
+                      ", O_DIRECT" if self._direct else "")
+
+    def _offer(self) -> xb.Offer:
+        cfg = self.ctx.config
+        persistent = cfg.grant_mode in ("auto", "persistent") and cfg.max_persistent_grants > 0
+        return xb.Offer(cfg.max_ring_page_order, cfg.max_queues, persistent)
+
+    def _limits(self, sectors: int) -> DiskLimits:
+        store = self.store
+        assert store is not None
+        return DiskLimits(
+            sectors=sectors,
+            readonly=self._readonly,
+            sector_size=store.sector_size,
+            barrier=True,
+            flush=True,
+            discard=self._discard_enable and store.supports_discard,
+            discard_secure=self._discard_enable and store.supports_secure_discard,
+            max_indirect_segments=self.ctx.config.max_indirect_segments,
+        )
+
+    def _connect(self) -> None:
+        ctx = self.ctx
+        cfg = ctx.config
+        store = self.store
+        assert store is not None and self.gnttab is not None and self._frontend
+        fe = self._frontend
+        params = xb.parse_frontend(lambda k: ctx.xs.read(f"{fe}/{k}"), self._offer())
+        mode = self._grant_mode(params.persistent)
+        size = ctx.pool.apply(store.size)
+        sectors = size // SECTOR_SIZE
+        limits = self._limits(sectors)
+        rctx = RingContext(
+            host=ctx.host, gnttab=self.gnttab, store=store, domid=self.domid, abi=params.abi,
+            limits=limits, mode=mode, pool=ctx.pool, device_stats=self.stats, log=self.log,
+            guest_log=self.log.guest_warning, max_persistent_grants=cfg.max_persistent_grants,
+            persistent_grant_idle=cfg.persistent_grant_idle,
+        )
+        self.stats.persistent_grants_limit = (
+            cfg.max_persistent_grants * len(params.queues) if mode == jobs.MODE_PERSISTENT else 0)
+        self.stats.sectors = sectors
+        try:
+            for i, q in enumerate(params.queues):
+                rs = RingStats(queue=i)
+                self.stats.rings[i] = rs
+                w = RingWorker(rctx, i, q.ring_refs, q.event_channel, rs)
+                self.rings.append(w)
+                w.start()
+        except BaseException:
+            self._stop_rings(ctx.stop_timeout)
+            raise
+        self.attached = True
+        info = (VDISK_READONLY if self._readonly else 0) | (
+            VDISK_CDROM | VDISK_REMOVABLE if self._cdrom else 0)
+        discard = None
+        if limits.discard:
+            discard = (store.discard_granularity, store.discard_alignment, limits.discard_secure)
+        nodes = xb.connect_nodes(sectors, store.sector_size, store.physical_sector_size, info,
+                                 flush=True, barrier=True, discard=discard,
+                                 persistent=mode == jobs.MODE_PERSISTENT)
+
+        def tx(t: XenStoreOps) -> None:
+            if t.read(f"{self.path}/{xb.STATE}") is None:
+                raise NegotiationError("backend directory vanished while connecting")
+            for k, v in nodes.items():
+                t.write(f"{self.path}/{k}", v)
+            t.write(f"{self.path}/{xb.STATE}", str(int(S.CONNECTED)))
+        ctx.xs.transaction(tx)
+        self._note_state(S.CONNECTED)
+        if self._connected_before:
+            self.stats.reconnects += 1
+        self._connected_before = True
+        self.log.info("connected: %s, ring order %d, %d queue(s), %s grants, %d sectors",
+                      params.abi.name, params.ring_page_order, len(params.queues), mode, sectors)
+
+    def _grant_mode(self, persistent: bool) -> str:
+        want = self.ctx.config.grant_mode
+        if want == "copy":
+            assert self.gnttab is not None
+            if self.gnttab.supports_copy:
+                return jobs.MODE_COPY
+            self.log.warning("grant copy not supported on this host: mapping instead")
+            return jobs.MODE_MAP
+        if want in ("auto", "persistent") and persistent:
+            return jobs.MODE_PERSISTENT
+        return jobs.MODE_MAP
+
+    def _stop_rings(self, timeout: float) -> None:
+        rings, self.rings = self.rings, []
+        for w in rings:
+            w.stop(timeout)
+        if rings:
+            self.stats.rings.clear()
+            self.stats.persistent_grants = 0
+        self.attached = False
+
+    def _set_state(self, state: int) -> None:
+        path = f"{self.path}/{xb.STATE}"
+
+        def tx(t: XenStoreOps) -> None:
+            if t.read(path) is not None:  # never recreate a removed directory
+                t.write(path, str(int(state)))
+        self.ctx.xs.transaction(tx)
+        self._note_state(state)
+
+    def _note_state(self, state: int) -> None:
+        if self.stats.state != state:
+            self.stats.state = int(state)
+            self.stats.state_since = time.monotonic()
+            self.log.info("state %s", S(state).name.lower())
+
+    def _check_resize(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        sectors = self.ctx.pool.apply(store.size) // SECTOR_SIZE
+        if sectors == self.stats.sectors:
+            return
+        self.log.info("resized: %d -> %d sectors", self.stats.sectors, sectors)
+        self.stats.sectors = sectors
+        for w in self.rings:
+            w.ctx.limits = self._limits(sectors)
+            w.ctx.job.limits = w.ctx.limits
+        xs = self.ctx.xs
+        xs.write(f"{self.path}/{xb.SECTORS}", str(sectors))
+        # rewrite state with its current value so the frontend's watch fires
+        cur = xs.read(f"{self.path}/{xb.STATE}")
+        if cur is not None:
+            xs.write(f"{self.path}/{xb.STATE}", cur)
+
+    def set_persistent_limit(self, limit: int) -> None:
+        for w in self.rings:
+            w.set_persistent_limit(limit)
+
+

@@ -1,0 +1,459 @@
+"""The simulated host's event channels (libxenevtchn semantics, no hypervisor).
+
+``SimEventChannel`` implements ``gblk.xen.interfaces.EventChannel`` for any domain:
+the guest side allocates an unbound port (``alloc_unbound``), the backend binds to
+it (``bind_interdomain``), and either end notifies the other, across processes. The
+truth lives in per-domain port tables under ``DIR/evtchn`` (layout in
+``gblk.sim.memory``), changed under flock; each handle owns a Unix datagram socket
+(abstract namespace) whose fd is what callers poll. A datagram is only a wake-up:
+``pending()`` drains the socket, then collects the ports marked fired in the tables,
+so a dropped wake-up (full socket buffer) can never lose an event.
+
+Delivery follows Xen's 2-level ABI as the Linux evtchn driver exposes it: an event
+on an unmasked port masks it and queues it for ``pending()``; an event on a masked
+port is remembered once (pending bit) and delivered again by ``unmask()``. So a storm
+of notifications costs one wake-up until the consumer unmasks (XSA-332 tests rely on
+it). Binding sets the new local port pending once, as Xen's
+``evtchn_bind_interdomain`` does ("we may have lost notifications on the remote
+unbound port"): consumers must tolerate that spurious first event.
+
+Called on the gevent hub: every call is non-blocking (sockets are unpatched and
+non-blocking, flock sections are short) and never touches gevent objects. Must not
+import the engine or anything above ``gblk.sim``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import mmap
+import os
+import socket
+import struct
+import uuid
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional
+
+from gblk.errors import EventChannelError
+from gblk.sim.memory import EVTCHN, native_lock, original
+from gblk.xen.interfaces import EventChannel
+
+#: ports per domain (Xen's 2-level ABI on 64-bit guests); port 0 is never used
+MAX_PORTS = 4096
+#: state u8, flags u8, remote_domid u16, remote_port u32, owner u32, 4 bytes zero
+PORT_RECORD = struct.Struct("<BBHII4x")
+TABLE_SIZE = MAX_PORTS * PORT_RECORD.size
+
+ECS_FREE = 0
+ECS_UNBOUND = 1
+ECS_INTERDOMAIN = 2
+
+F_MASKED = 1
+F_PENDING = 2  # an event arrived while masked: delivered again on unmask
+F_FIRED = 4  # delivered to the owning handle, not yet returned by pending()
+
+TOKEN_FILE = "token"
+HANDLES_FILE = "handles"
+
+
+class PortRecord(NamedTuple):
+    state: int
+    flags: int
+    remote_domid: int
+    remote_port: int
+    owner: int
+
+
+FREE = PortRecord(ECS_FREE, 0, 0, 0, 0)
+
+
+def _evtchn_dir(dir: str) -> str:
+    path = os.path.join(dir, EVTCHN)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _token(evdir: str) -> str:
+    """The random name of this simulated host's sockets, created once, race-free."""
+    path = os.path.join(evdir, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    tmp = f"{path}.{uuid.uuid4().hex}"
+    with open(tmp, "w") as f:
+        f.write(uuid.uuid4().hex[:16])
+    try:
+        os.link(tmp, path)  # fails if another process won the race: use theirs
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _next_handle_id(evdir: str) -> int:
+    fd = os.open(os.path.join(evdir, HANDLES_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 4, 0)
+        last = struct.unpack("<I", raw)[0] if len(raw) == 4 else 0
+        os.pwrite(fd, struct.pack("<I", last + 1), 0)
+        return last + 1
+    finally:
+        os.close(fd)
+
+
+def _address(token: str, handle_id: int) -> bytes:
+    return b"\0gblk-evtchn-%s-%d" % (token.encode(), handle_id)
+
+
+class _PortTable:
+    """One domain's port table file, mapped. Callers hold ``locked()`` around reads
+    and read-modify-writes and serialise threads themselves."""
+
+    def __init__(self, evdir: str, domid: int) -> None:
+        self.domid = domid
+        self._fd = os.open(
+            os.path.join(evdir, f"d{domid}"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            with self.locked():
+                if os.fstat(self._fd).st_size < TABLE_SIZE:
+                    os.ftruncate(self._fd, TABLE_SIZE)
+            self._map = mmap.mmap(self._fd, TABLE_SIZE, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def get(self, port: int) -> PortRecord:
+        return PortRecord(*PORT_RECORD.unpack_from(self._map, port * PORT_RECORD.size))
+
+    def put(self, port: int, rec: PortRecord) -> None:
+        PORT_RECORD.pack_into(self._map, port * PORT_RECORD.size, *rec)
+
+    def alloc(self) -> int:
+        """The lowest free port (>= 1); EventChannelError when all are used."""
+        for port in range(1, MAX_PORTS):
+            if self._map[port * PORT_RECORD.size] == ECS_FREE:
+                return port
+        raise EventChannelError(f"d{self.domid}: all {MAX_PORTS - 1} event channel ports in use")
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
+@contextlib.contextmanager
+def _locked_tables(*tables: _PortTable) -> Iterator[None]:
+    """Lock several port tables in domid order (no deadlock between processes)."""
+    unique = {t.domid: t for t in tables}
+    with contextlib.ExitStack() as stack:
+        for domid in sorted(unique):
+            stack.enter_context(unique[domid].locked())
+        yield
+
+
+def _fire(rec: PortRecord) -> PortRecord:
+    """An event arrives on a port: deliver (mask + fired) or remember (pending)."""
+    if rec.flags & F_MASKED:
+        return rec._replace(flags=rec.flags | F_PENDING)
+    return rec._replace(flags=rec.flags | F_MASKED | F_FIRED)
+
+
+def _valid_port(port: int) -> bool:
+    return 0 < port < MAX_PORTS
+
+
+class SimEventChannel(EventChannel):
+    """An event-channel handle of domain ``domid`` on the simulated host in ``dir``."""
+
+    def __init__(self, dir: str, domid: int = 0) -> None:
+        self.dir = dir
+        self.domid = domid
+        self._evdir = _evtchn_dir(dir)
+        self._token = _token(self._evdir)
+        self.handle_id = _next_handle_id(self._evdir)
+        self._lock = native_lock()
+        sock_cls: Any = original("socket", "socket")
+        self._sock: socket.socket = sock_cls(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.setblocking(False)
+            self._sock.bind(_address(self._token, self.handle_id))
+            self._tables: Dict[int, _PortTable] = {}
+            self._own = self._table(domid)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._ports: Dict[int, None] = {}  # local ports bound through this handle
+        self._ready: Deque[int] = collections.deque()
+        self._closed = False
+        #: counters for tests and metrics
+        self.notifications_sent = 0
+        self.wakeups_sent = 0
+
+    # EventChannel ------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def alloc_unbound(self, remote_domid: int) -> int:
+        """Guest side: a new port of this domain that ``remote_domid`` may bind to."""
+        with self._lock:
+            self._check_open()
+            with self._own.locked():
+                port = self._own.alloc()
+                self._own.put(port, PortRecord(ECS_UNBOUND, 0, remote_domid, 0, self.handle_id))
+            self._ports[port] = None
+            return port
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        with self._lock:
+            self._check_open()
+            if not _valid_port(remote_port):
+                raise EventChannelError(f"bind to d{domid} port {remote_port}: no such port")
+            remote = self._table(domid)
+            with _locked_tables(self._own, remote):
+                rrec = remote.get(remote_port)
+                if rrec.state != ECS_UNBOUND:
+                    raise EventChannelError(
+                        f"bind to d{domid} port {remote_port}: port is not unbound (EINVAL)"
+                    )
+                if rrec.remote_domid != self.domid:
+                    raise EventChannelError(
+                        f"bind to d{domid} port {remote_port}: port is reserved for "
+                        f"d{rrec.remote_domid}, not d{self.domid} (EINVAL)"
+                    )
+                local = self._own.alloc()
+                if domid == self.domid and local == remote_port:  # pragma: no cover
+                    raise EventChannelError("cannot bind a port to itself")
+                remote.put(
+                    remote_port,
+                    rrec._replace(state=ECS_INTERDOMAIN, remote_domid=self.domid, remote_port=local),
+                )
+                # Xen sets the new local port pending: a notification may have been lost
+                # while the remote port was unbound. Delivered at once: masked + fired.
+                self._own.put(
+                    local,
+                    PortRecord(ECS_INTERDOMAIN, F_MASKED | F_FIRED, domid, remote_port, self.handle_id),
+                )
+            self._ports[local] = None
+            self._wake(self.handle_id)
+            return local
+
+    def notify(self, port: int) -> None:
+        with self._lock:
+            self._check_mine(port)
+            with self._own.locked():
+                rec = self._own.get(port)
+            if rec.owner != self.handle_id:
+                raise EventChannelError(f"d{self.domid} port {port}: not bound by this handle")
+            if rec.state != ECS_INTERDOMAIN:
+                return  # Xen drops notifications on an unbound port silently
+            peer = self._table(rec.remote_domid)
+            owner = 0
+            with peer.locked():
+                prec = peer.get(rec.remote_port)
+                if (
+                    prec.state == ECS_INTERDOMAIN
+                    and prec.remote_domid == self.domid
+                    and prec.remote_port == port
+                ):
+                    fired = _fire(prec)
+                    peer.put(rec.remote_port, fired)
+                    if fired.flags & F_FIRED and not prec.flags & F_FIRED:
+                        owner = prec.owner
+            self.notifications_sent += 1
+            if owner:
+                self._wake(owner)
+
+    def pending(self) -> Optional[int]:
+        with self._lock:
+            self._check_open()
+            if not self._ready:
+                self._drain()  # drain before collecting: no wake-up can be lost
+                self._collect()
+            if not self._ready:
+                return None
+            port = self._ready.popleft()
+            if self._ready:
+                self._wake(self.handle_id)  # keep the fd readable while ports remain
+            return port
+
+    def unmask(self, port: int) -> None:
+        with self._lock:
+            self._check_mine(port)
+            wake = False
+            with self._own.locked():
+                rec = self._own.get(port)
+                if rec.owner != self.handle_id or rec.state == ECS_FREE:
+                    raise EventChannelError(f"d{self.domid} port {port}: not bound by this handle")
+                flags = rec.flags & ~F_MASKED
+                if flags & F_PENDING:
+                    flags = (flags & ~F_PENDING) | F_MASKED | F_FIRED
+                    wake = True
+                self._own.put(port, rec._replace(flags=flags))
+            if wake:
+                self._wake(self.handle_id)
+
+    def unbind(self, port: int) -> None:
+        with self._lock:
+            self._check_mine(port)
+            self._unbind_locked(port)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                for port in list(self._ports):
+                    self._unbind_locked(port)
+            finally:
+                self._closed = True
+                self._sock.close()
+                for table in self._tables.values():
+                    table.close()
+                self._tables.clear()
+
+    # inspection ----------------------------------------------------------------
+    def bound_ports(self) -> List[int]:
+        """Local ports bound (or allocated unbound) through this handle."""
+        with self._lock:
+            return list(self._ports)
+
+    # internals (self._lock held) ---------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EventChannelError("event channel handle is closed")
+
+    def _check_mine(self, port: int) -> None:
+        self._check_open()
+        if port not in self._ports:
+            raise EventChannelError(f"d{self.domid} port {port}: not bound by this handle")
+
+    def _table(self, domid: int) -> _PortTable:
+        table = self._tables.get(domid)
+        if table is None:
+            table = self._tables[domid] = _PortTable(self._evdir, domid)
+        return table
+
+    def _unbind_locked(self, port: int) -> None:
+        del self._ports[port]
+        with contextlib.suppress(ValueError):
+            self._ready.remove(port)
+        with self._own.locked():
+            rec = self._own.get(port)
+        if rec.owner != self.handle_id or rec.state == ECS_FREE:
+            return  # already closed underneath us (its domain was destroyed)
+        tables = [self._own]
+        if rec.state == ECS_INTERDOMAIN:
+            tables.append(self._table(rec.remote_domid))
+        with _locked_tables(*tables):
+            rec = self._own.get(port)
+            if rec.owner != self.handle_id or rec.state == ECS_FREE:
+                return
+            if rec.state == ECS_INTERDOMAIN:
+                peer = self._table(rec.remote_domid)
+                prec = peer.get(rec.remote_port)
+                if (
+                    prec.state == ECS_INTERDOMAIN
+                    and prec.remote_domid == self.domid
+                    and prec.remote_port == port
+                ):
+                    # Xen's evtchn_close: the other end goes back to unbound, reserved
+                    # for us, so the same peer can bind to it again (reconnect)
+                    peer.put(
+                        rec.remote_port,
+                        prec._replace(state=ECS_UNBOUND, remote_domid=self.domid, remote_port=0),
+                    )
+            self._own.put(port, FREE)
+
+    def _collect(self) -> None:
+        if not self._ports:
+            return
+        with self._own.locked():
+            for port in self._ports:
+                rec = self._own.get(port)
+                if rec.flags & F_FIRED and rec.owner == self.handle_id:
+                    self._own.put(port, rec._replace(flags=rec.flags & ~F_FIRED))
+                    self._ready.append(port)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+
+    def _wake(self, handle_id: int) -> None:
+        try:
+            self._sock.sendto(b"\x01", socket.MSG_DONTWAIT, _address(self._token, handle_id))
+        except BlockingIOError:
+            pass  # its queue is full: it is readable already and will collect
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # that handle is gone (its process died): like an event to a dead domain
+        else:
+            self.wakeups_sent += 1
+
+
+def read_port(dir: str, domid: int, port: int) -> PortRecord:
+    """The current record of ``port`` of ``domid`` (tests and diagnostics)."""
+    if not _valid_port(port):
+        raise EventChannelError(f"d{domid} port {port}: no such port")
+    table = _PortTable(_evtchn_dir(dir), domid)
+    try:
+        with table.locked():
+            return table.get(port)
+    finally:
+        table.close()
+
+
+def close_domain_ports(dir: str, domid: int) -> None:
+    """Close every port of a destroyed domain, as Xen does in domain_kill: the other
+    end of each interdomain channel goes back to unbound (reserved for ``domid``).
+    Handles of that domain still open find their ports gone."""
+    evdir = _evtchn_dir(dir)
+    own = _PortTable(evdir, domid)
+    peers: Dict[int, _PortTable] = {}
+    try:
+        with own.locked():
+            records = [(p, own.get(p)) for p in range(1, MAX_PORTS)]
+        for port, rec in records:
+            if rec.state != ECS_INTERDOMAIN or rec.remote_domid == domid:
+                continue
+            if rec.remote_domid not in peers:
+                peers[rec.remote_domid] = _PortTable(evdir, rec.remote_domid)
+            peer = peers[rec.remote_domid]
+            with _locked_tables(own, peer):
+                cur = own.get(port)
+                if cur != rec:
+                    continue
+                prec = peer.get(rec.remote_port)
+                if (
+                    prec.state == ECS_INTERDOMAIN
+                    and prec.remote_domid == domid
+                    and prec.remote_port == port
+                ):
+                    peer.put(
+                        rec.remote_port,
+                        prec._replace(state=ECS_UNBOUND, remote_domid=domid, remote_port=0),
+                    )
+        with own.locked():
+            for port in range(1, MAX_PORTS):
+                own.put(port, FREE)
+    finally:
+        own.close()
+        for table in peers.values():
+            table.close()
+

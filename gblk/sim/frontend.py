@@ -1,0 +1,1323 @@
+"""A simulated guest's block frontend that behaves like Linux's xen-blkfront.
+
+Negotiation (``drivers/block/xen-blkfront.c``): wait for the backend's InitWait;
+read ``max-ring-page-order``, ``multi-queue-max-queues``,
+``feature-max-indirect-segments`` and ``feature-persistent``; pick the ring order
+(``min`` with our own limit), the number of queues (at least one), indirect
+segments (none unless more than 11 are offered) and persistent grants; allocate and
+grant the ring pages, allocate unbound event channels; write, in one transaction,
+``ring-ref`` (order 0) or ``ring-page-order`` + ``ring-ref<i>``, per queue under
+``queue-<n>/`` when there are several (then ``multi-queue-num-queues``),
+``event-channel``, ``protocol`` and ``feature-persistent``; switch to Initialised;
+wait for Connected; read ``sectors``/``info``/``sector-size`` (required) and the
+features; switch to Connected. Later backend state changes are followed as blkfront
+does: Connected again means "re-read the size" (online resize), Closing means close,
+Closed or a vanished backend means disconnect. ``close()``, ``reconnect()`` and
+``reboot()`` (Linux's xenbus_reset_frontend: 5, 6, then back to Initialising with
+new rings) drive the state machine from the guest side.
+
+IO: READ, WRITE, FLUSH_DISKCACHE (with or without data), WRITE_BARRIER, DISCARD
+(and secure) and INDIRECT, many requests in flight on every queue, each user
+operation split into requests of at most 11 segments, or INDIRECT ones of up to the
+negotiated maximum. Pages come from a pool of persistent grants (granted once,
+read-write, never revoked while the backend may use them) when persistent grants
+were negotiated, otherwise each request grants its pages afresh (read-only for the
+data of a write) and ends the grants when the response arrives; a grant the backend
+still maps at that point is counted (``grants_busy_after_response``) and quarantined,
+never reused. Every byte read back is checked against a shadow copy
+(``gblk.sim.front_verify``); bytes of a page outside a READ's sectors are checked
+untouched (XSA-403 canary). Responses are checked by ``gblk.sim.front_ring``.
+
+Hooks for hostile tests: ``mutate=`` on every submit (change or replace the request
+before it is placed), ``put_raw``, ``push``, ``set_req_prod``, ``rewrite_slot``,
+``revoke_grant``, ``notify(count=)``, ``set_state``, ``write_node``/``remove_node``,
+``pause_responses``, ``outstanding_requests``.
+
+Runs on the gevent hub (one greenlet per queue, one watching the backend); every
+XenStore access goes through a ``gblk.xen.interfaces.XenStore`` acting as the guest.
+Must not import the engine, device, daemon or cli layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import gevent
+import gevent.event
+import gevent.lock
+
+from ..blkif import xenbus as xb
+from ..blkif.abi import Abi, Request, Segment, abi_for_protocol, pack_indirect_segments
+from ..blkif.const import (
+    BLKIF_DISCARD_SECURE,
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    PAGE_SIZE,
+    SECTOR_SIZE,
+    SECTORS_PER_PAGE,
+    SEGS_PER_INDIRECT_FRAME,
+    VDISK_CDROM,
+    VDISK_READONLY,
+    VDISK_REMOVABLE,
+    Op,
+    Status,
+    XenbusState,
+)
+from ..errors import GblkError
+from ..xen.interfaces import XenStore, XenStoreOps
+from .front_ring import FrontQueue, GuestEventChannel, Part
+from .front_verify import Mismatch, Verifier
+from .memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+Buffer = Union[bytes, bytearray, memoryview]
+#: a hook that sees each request before it is placed: return None (keep), a Request
+#: (packed instead) or bytes (placed as they are)
+Mutate = Callable[[Request], Optional[Union[Request, bytes]]]
+
+#: filled into the parts of a READ's pages the request does not cover (XSA-403)
+CANARY = 0xA5
+_CANARY_PAGE = bytes([CANARY]) * PAGE_SIZE
+#: XEN_IO_PROTO_ABI_NATIVE of an x86_64 Linux guest
+NATIVE_PROTOCOL = "x86_64-abi"
+
+
+class FrontendError(GblkError):
+    """The simulated frontend could not do what was asked."""
+
+
+class FrontendTimeout(FrontendError):
+    """A state the frontend waited for did not come in time."""
+
+
+class NotConnected(FrontendError):
+    """IO submitted while the frontend is not connected."""
+
+
+class IOFailed(FrontendError):
+    """A request was answered with an error status (or lost)."""
+
+    def __init__(self, result: "IoResult") -> None:
+        super().__init__(f"{result.kind} sector {result.sector}+{result.nsectors}: "
+                         f"status {result.status}{' (lost)' if result.lost else ''}")
+        self.result = result
+
+
+@dataclass
+class FrontendOptions:
+    """What the simulated guest's driver is allowed to use (module parameters)."""
+
+    #: "x86_64-abi", "x86_32-abi", "arm-abi", or None: no protocol node (x86_32 layout)
+    protocol: Optional[str] = NATIVE_PROTOCOL
+    #: our ceiling on the ring order (Linux: max_ring_page_order)
+    max_ring_page_order: int = 4
+    #: our ceiling on queues (Linux: max_queues, default 4)
+    max_queues: int = 4
+    #: our ceiling on indirect segments (Linux: max_indirect_segments); 0: never INDIRECT
+    max_indirect_segments: int = 256
+    #: use persistent grants when the backend offers them (Linux: feature_persistent)
+    persistent: bool = True
+    #: INDIRECT even for requests of 11 segments or fewer
+    force_indirect: bool = False
+    #: order 0 written as "ring-ref" (Linux) or as "ring-page-order"=0 + "ring-ref0"
+    legacy_ring_ref: bool = True
+    #: wait for the backend's InitWait before writing the ring nodes (False: skip it)
+    wait_initwait: bool = True
+    #: pages of data (and indirect descriptors) in flight at most; bounds the pool
+    max_inflight_pages: int = 4096
+    #: the disk's initial content is zeros (a fresh sparse image): check it too
+    initial_zero: bool = False
+    #: a successful DISCARD leaves zeros (raw files: punched holes read as zeros)
+    discard_zeroes: bool = True
+    #: the response to an INDIRECT request must carry its indirect_op (what Linux's
+    #: blkif_interrupt checks); False: accept INDIRECT (6) as well
+    strict_indirect_op: bool = True
+    #: first request id (ids are unique 64-bit numbers; high bits catch truncation)
+    id_base: int = 0x5A5A_0000_0000_0000
+    #: seconds to wait for each backend state during connect/close
+    timeout: float = 30.0
+    #: seconds a synchronous IO helper waits for its answer
+    io_timeout: float = 60.0
+
+
+@dataclass
+class DiskInfo:
+    """What the backend published at connect time."""
+
+    sectors: int = 0
+    sector_size: int = SECTOR_SIZE
+    physical_sector_size: int = SECTOR_SIZE
+    info: int = 0
+    flush: bool = False
+    barrier: bool = False
+    discard: bool = False
+    discard_granularity: int = 0
+    discard_alignment: int = 0
+    discard_secure: bool = False
+    persistent: bool = False
+    max_indirect_segments: int = 0
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.info & VDISK_READONLY)
+
+    @property
+    def cdrom(self) -> bool:
+        return bool(self.info & VDISK_CDROM)
+
+    @property
+    def removable(self) -> bool:
+        return bool(self.info & VDISK_REMOVABLE)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.sectors * SECTOR_SIZE
+
+
+@dataclass
+class Offer:
+    """What the backend offered before InitWait (as this frontend read it)."""
+
+    max_ring_page_order: int = 0
+    max_queues: int = 1
+    max_indirect_segments: int = 0
+    persistent: bool = False
+
+
+@dataclass
+class IoResult:
+    """The answer to one user operation (possibly several ring requests)."""
+
+    kind: str
+    sector: int
+    nsectors: int
+    status: int  #: OKAY if every request was OKAY, else the first other status
+    statuses: List[int] = field(default_factory=list)
+    data: Optional[bytes] = None  #: what a read returned
+    mismatch: Optional[Mismatch] = None  #: the first verification failure
+    lost: bool = False  #: some request never got an answer (disconnect)
+    requests: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OKAY and not self.lost and self.mismatch is None
+
+    @property
+    def nbytes(self) -> int:
+        return self.nsectors * SECTOR_SIZE if self.kind in ("read", "write", "barrier", "flush") else 0
+
+
+@dataclass
+class RawResponse:
+    """The answer to a request placed with ``put_raw``."""
+
+    id: int
+    operation: int
+    status: int
+
+
+@dataclass
+class PartInfo:
+    """A ring request in flight (for hostile tests)."""
+
+    id: int
+    queue: int
+    kind: str
+    operation: int
+    sector: int
+    nsectors: int
+    index: int
+    grefs: List[int]
+    indirect_grefs: List[int]
+
+
+@dataclass
+class FrontendStats:
+    requests: int = 0  #: ring requests placed
+    responses: int = 0  #: valid responses
+    ops: int = 0  #: user operations completed
+    errors: int = 0  #: responses with BLKIF_RSP_ERROR (or an unknown status)
+    unsupported: int = 0  #: responses with BLKIF_RSP_EOPNOTSUPP
+    lost: int = 0  #: requests never answered (disconnect, reboot)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    mismatches: int = 0
+    canary_violations: int = 0
+    grants_busy_after_response: int = 0
+    grant_leaks: int = 0  #: grants still mapped by the backend after it closed
+    connects: int = 0
+    resizes: int = 0
+    violations: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def protocol_violations(self) -> int:
+        return sum(self.violations.values())
+
+
+class _UserOp:
+    __slots__ = ("kind", "sector", "nsectors", "data", "buf", "parts_left", "statuses",
+                 "result", "mismatch", "lost", "requests", "issuing")
+
+    def __init__(self, kind: str, sector: int, nsectors: int,
+                 data: Optional[Buffer] = None, read: bool = False) -> None:
+        self.kind = kind
+        self.sector = sector
+        self.nsectors = nsectors
+        self.data = data
+        self.buf = bytearray(nsectors * SECTOR_SIZE) if read else None
+        self.parts_left = 0
+        self.statuses: List[int] = []
+        self.result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        self.mismatch: Optional[Mismatch] = None
+        self.lost = False
+        self.requests = 0
+        self.issuing = True
+
+
+class _Budget:
+    """Pages in flight: a counting gate on the hub."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._event = gevent.event.Event()
+
+    def acquire(self, n: int, timeout: Optional[float]) -> bool:
+        n = min(n, self.total)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.free < n:
+            self._event.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._event.wait(left)
+        self.free -= n
+        return True
+
+    def release(self, n: int) -> None:
+        self.free = min(self.total, self.free + min(n, self.total))
+        self._event.set()
+
+
+def segments_for(sector: int, nsectors: int) -> List[Tuple[int, int]]:
+    """(first_sect, last_sect) of each page of [sector, sector+nsectors), each page
+    aligned on the disk's 4 KiB blocks as a page cache lays data out."""
+    out = []
+    cur, end = sector, sector + nsectors
+    while cur < end:
+        first = cur % SECTORS_PER_PAGE
+        last = min(SECTORS_PER_PAGE - 1, first + (end - cur) - 1)
+        out.append((first, last))
+        cur += last - first + 1
+    return out
+
+
+class Frontend:
+    """A Linux-like blkfront for device ``devid`` of guest ``domid``.
+
+    ``xs`` is the guest's XenStore connection, ``memory`` its RAM and grant table,
+    ``evtchn_factory()`` opens one guest event-channel handle (one per queue).
+    """
+
+    def __init__(self, xs: XenStore, memory: GuestMemory,
+                 evtchn_factory: Callable[[], GuestEventChannel], domid: int,
+                 devid: int = 51712, options: Optional[FrontendOptions] = None,
+                 fence: Optional[Callable[[], None]] = None) -> None:
+        if fence is None:
+            from ..xen.barrier import fence as default_fence
+
+            fence = default_fence
+        self.xs = xs
+        self.memory = memory
+        self.evtchn_factory = evtchn_factory
+        self.domid = domid
+        self.devid = devid
+        self.handle = devid & 0xFFFF
+        self.options = options or FrontendOptions()
+        self.fence = fence
+        self.path = xb.frontend_path(domid, devid)
+        self.backend_path = ""
+        self.backend_id = 0
+        self.state: int = XenbusState.INITIALISING
+        self.offer = Offer()
+        self.disk = DiskInfo()
+        self.abi: Abi = abi_for_protocol(self.options.protocol)
+        self.ring_page_order = 0
+        self.nr_queues = 1
+        self.persistent = False
+        self._memory_gone = False
+        self.max_indirect_segments = 0
+        self.queues: List[FrontQueue] = []
+        self.stats = FrontendStats()
+        self.verifier: Optional[Verifier] = None
+        self.connected = False
+        #: set whenever the backend's state was looked at by the watcher
+        self.changed = gevent.event.Event()
+        self.closed_by_backend = gevent.event.Event()
+        self._lock = gevent.lock.RLock()
+        self._user_transition = False
+        self._watcher: Optional[gevent.Greenlet] = None
+        self._ids = itertools.count(self.options.id_base)
+        self._rr = 0
+        self._budget = _Budget(max(self.options.max_inflight_pages,
+                                   BLKIF_MAX_SEGMENTS_PER_REQUEST))
+        self._free_frames: List[int] = []
+        self._pool_free: List[Tuple[int, int]] = []  # persistent (frame, gref)
+        self._pool_all: List[Tuple[int, int]] = []
+        self._quarantine: List[Tuple[int, int]] = []  # (gref, frame) not yet ended
+        self._idle = gevent.event.Event()
+        self._idle.set()
+        self._inflight = 0
+
+    def __repr__(self) -> str:
+        return f"<Frontend d{self.domid}/{self.devid} state={self.state}>"
+
+    # =====================================================================
+    # XenStore helpers
+    # =====================================================================
+    def _read(self, key: str) -> Optional[str]:
+        return self.xs.read(f"{self.path}/{key}")
+
+    def _be_read(self, key: str) -> Optional[str]:
+        return self.xs.read(f"{self.backend_path}/{key}")
+
+    def _be_uint(self, key: str, default: int = 0) -> int:
+        value = self._be_read(key)
+        if value is None:
+            return default
+        try:
+            return int(value.strip())
+        except ValueError:
+            return default
+
+    def backend_state(self) -> Optional[int]:
+        value = self._be_read(xb.STATE) if self.backend_path else None
+        if value is None:
+            return None
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+
+    def _set_state(self, state: int) -> None:
+        self.xs.write(f"{self.path}/{xb.STATE}", str(int(state)))
+        self.state = int(state)
+
+    def _discover_backend(self) -> None:
+        be = self._read(xb.BACKEND)
+        if be is None:
+            raise FrontendError(f"{self.path}/backend missing: no disk attached")
+        self.backend_path = be
+        bid = self._read(xb.BACKEND_ID)
+        self.backend_id = int(bid) if bid is not None and bid.strip().isdigit() else 0
+
+    def _backend_error(self) -> str:
+        bits = []
+        for key in (xb.HOTPLUG_ERROR, xb.HOTPLUG_STATUS):
+            try:
+                value = self._be_read(key)
+            except GblkError:
+                value = None
+            if value:
+                bits.append(f"{key}={value!r}")
+        try:
+            err = self.xs.read(f"/local/domain/{self.backend_id}/error"
+                               f"{self.backend_path}/error")
+        except GblkError:
+            err = None
+        if err:
+            bits.append(f"error={err!r}")
+        return ("; backend says " + ", ".join(bits)) if bits else ""
+
+    def wait_backend(self, accept: Callable[[Optional[int]], bool], timeout: float,
+                     what: str) -> Optional[int]:
+        """Wait until ``accept(backend state)``; FrontendTimeout otherwise."""
+        sub = self.xs.watch([f"{self.backend_path}/{xb.STATE}"])
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                st = self.backend_state()
+                if accept(st):
+                    return st
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FrontendTimeout(
+                        f"d{self.domid}/{self.devid}: {what}: backend state {st} after "
+                        f"{timeout:g}s{self._backend_error()}")
+                sub.get(timeout=left)
+        finally:
+            sub.close()
+
+    # =====================================================================
+    # the state machine
+    # =====================================================================
+    def connect(self, timeout: Optional[float] = None) -> "Frontend":
+        """Negotiate and connect (the frontend must be Initialising: fresh, or after
+        ``reconnect``). Returns self."""
+        timeout = self.options.timeout if timeout is None else timeout
+        with self._transition():
+            if self.connected:
+                return self
+            self._discover_backend()
+            if self.state != XenbusState.INITIALISING or self._read(xb.STATE) != "1":
+                self._set_state(XenbusState.INITIALISING)
+            if self.options.wait_initwait:
+                self.wait_backend(lambda s: s == XenbusState.INIT_WAIT, timeout,
+                                  "waiting for InitWait")
+            self._read_offer()
+            self._setup_rings()
+            try:
+                self._write_ring_nodes()
+                self._set_state(XenbusState.INITIALISED)
+                st = self.wait_backend(
+                    lambda s: s in (XenbusState.CONNECTED, XenbusState.CLOSING,
+                                    XenbusState.CLOSED, None),
+                    timeout, "waiting for Connected")
+                if st != XenbusState.CONNECTED:
+                    raise FrontendError(
+                        f"d{self.domid}/{self.devid}: backend went to state {st} instead of "
+                        f"Connected{self._backend_error()}")
+                self._read_disk()
+            except BaseException:
+                self._teardown(end_grants=True, lost=True)
+                raise
+            self.connected = True
+            self.closed_by_backend.clear()
+            self.stats.connects += 1
+            self._set_state(XenbusState.CONNECTED)
+            self._start_watcher()
+        return self
+
+    def _read_offer(self) -> None:
+        order = self._be_uint(xb.MAX_RING_PAGE_ORDER_KEY, 0)
+        queues = self._be_uint(xb.MULTI_QUEUE_MAX_QUEUES, 1)
+        indirect = self._be_uint(xb.FEATURE_MAX_INDIRECT_SEGMENTS, 0)
+        persistent = self._be_uint(xb.FEATURE_PERSISTENT, 0) != 0
+        self.offer = Offer(order, queues, indirect, persistent)
+        self.ring_page_order = max(0, min(order, self.options.max_ring_page_order))
+        self.nr_queues = max(1, min(queues, self.options.max_queues))
+
+    def _setup_rings(self) -> None:
+        self.abi = abi_for_protocol(self.options.protocol)
+        self.queues = []
+        try:
+            for i in range(self.nr_queues):
+                evtchn = self.evtchn_factory()
+                try:
+                    q = FrontQueue(i, self.memory, self.backend_id, self.abi,
+                                   self.ring_page_order, evtchn, self.fence,
+                                   self._on_response, self._violation)
+                except BaseException:
+                    evtchn.close()
+                    raise
+                self.queues.append(q)
+        except BaseException:
+            for q in self.queues:
+                self._quarantine.extend(q.release())
+            self.queues = []
+            raise
+        for q in self.queues:
+            q.start()
+
+    def _write_ring_nodes(self) -> None:
+        order = self.ring_page_order
+        queues = self.queues
+        opts = self.options
+
+        def per_ring(tx: XenStoreOps, prefix: str, q: FrontQueue) -> None:
+            if order == 0 and opts.legacy_ring_ref:
+                tx.write(f"{prefix}/{xb.RING_REF}", str(q.ring_refs[0]))
+            else:
+                for i, ref in enumerate(q.ring_refs):
+                    tx.write(f"{prefix}/{xb.RING_REF}{i}", str(ref))
+            tx.write(f"{prefix}/{xb.EVENT_CHANNEL}", str(q.port))
+
+        def fn(tx: XenStoreOps) -> None:
+            # nodes of an earlier connection must not mislead the backend
+            for name in tx.directory(self.path):
+                if (name.startswith(xb.RING_REF) or name.startswith("queue-")
+                        or name in (xb.MULTI_QUEUE_NUM_QUEUES, xb.RING_PAGE_ORDER,
+                                    xb.EVENT_CHANNEL)):
+                    tx.rm(f"{self.path}/{name}")
+            if len(queues) == 1:
+                per_ring(tx, self.path, queues[0])
+            else:
+                tx.write(f"{self.path}/{xb.MULTI_QUEUE_NUM_QUEUES}", str(len(queues)))
+                for q in queues:
+                    per_ring(tx, f"{self.path}/queue-{q.index}", q)
+            if order > 0 or not opts.legacy_ring_ref:
+                tx.write(f"{self.path}/{xb.RING_PAGE_ORDER}", str(order))
+            if opts.protocol is None:
+                tx.rm(f"{self.path}/{xb.PROTOCOL}")
+            else:
+                tx.write(f"{self.path}/{xb.PROTOCOL}", opts.protocol)
+            tx.write(f"{self.path}/{xb.FEATURE_PERSISTENT}", "1" if opts.persistent else "0")
+
+        self.xs.transaction(fn)
+
+    def _read_disk(self) -> None:
+        """blkfront_connect + blkfront_gather_backend_features."""
+        missing = [k for k in (xb.SECTORS, xb.INFO, xb.SECTOR_SIZE_KEY)
+                   if self._be_read(k) is None]
+        if missing:
+            raise FrontendError(f"d{self.domid}/{self.devid}: backend did not write "
+                                f"{', '.join(missing)}")
+        d = DiskInfo()
+        d.sectors = self._be_uint(xb.SECTORS)
+        d.info = self._be_uint(xb.INFO)
+        d.sector_size = self._be_uint(xb.SECTOR_SIZE_KEY, SECTOR_SIZE) or SECTOR_SIZE
+        d.physical_sector_size = self._be_uint(xb.PHYSICAL_SECTOR_SIZE, d.sector_size)
+        d.barrier = self._be_uint(xb.FEATURE_BARRIER) != 0
+        d.flush = self._be_uint(xb.FEATURE_FLUSH_CACHE) != 0
+        d.discard = self._be_uint(xb.FEATURE_DISCARD) != 0
+        if d.discard:
+            d.discard_granularity = self._be_uint(xb.DISCARD_GRANULARITY)
+            d.discard_alignment = self._be_uint(xb.DISCARD_ALIGNMENT)
+            d.discard_secure = self._be_uint(xb.DISCARD_SECURE) != 0
+        d.persistent = self._be_uint(xb.FEATURE_PERSISTENT) != 0
+        indirect = self._be_uint(xb.FEATURE_MAX_INDIRECT_SEGMENTS)
+        d.max_indirect_segments = indirect
+        self.disk = d
+        self.persistent = self.options.persistent and d.persistent
+        indirect = min(indirect, self.options.max_indirect_segments,
+                       SEGS_PER_INDIRECT_FRAME * BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST)
+        self.max_indirect_segments = indirect if indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST else 0
+        if self.verifier is None:
+            self.verifier = Verifier(d.sectors, initial_zero=self.options.initial_zero)
+        else:
+            self.verifier.resize(d.sectors)
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None or self._watcher.dead:
+            self._watcher = gevent.spawn(self._watch_backend)
+
+    def _watch_backend(self) -> None:
+        """blkfront's backend_changed while connected."""
+        sub = self.xs.watch([f"{self.backend_path}/{xb.STATE}"])
+        try:
+            while self.connected:
+                sub.get(timeout=None)
+                if self._user_transition or not self.connected:
+                    self.changed.set()
+                    continue
+                try:
+                    st = self.backend_state()
+                    if st == XenbusState.CONNECTED:
+                        self._check_resize()
+                    elif st == XenbusState.CLOSING:
+                        self._backend_closing()
+                    elif st in (XenbusState.CLOSED, XenbusState.UNKNOWN, None):
+                        self._backend_gone()
+                except GblkError as e:
+                    log.warning("d%d/%d: reacting to the backend: %s", self.domid, self.devid, e)
+                self.changed.set()
+        finally:
+            sub.close()
+
+    def _check_resize(self) -> None:
+        value = self._be_read(xb.SECTORS)
+        if value is None or not value.strip().isdigit():
+            return
+        sectors = int(value)
+        if sectors != self.disk.sectors:
+            log.info("d%d/%d: disk resized from %d to %d sectors", self.domid, self.devid,
+                     self.disk.sectors, sectors)
+            self.disk.sectors = sectors
+            if self.verifier is not None:
+                self.verifier.resize(sectors)
+            self.stats.resizes += 1
+
+    def _backend_closing(self) -> None:
+        """The backend (or the toolstack) closes: blkfront_closing."""
+        with self._lock:
+            if not self.connected:
+                return
+            self._stop_io()
+            self.wait_idle(self.options.timeout)
+            self._set_state(XenbusState.CLOSED)
+            try:
+                self.wait_backend(lambda s: s in (XenbusState.CLOSED, None),
+                                  self.options.timeout, "waiting for the backend's Closed")
+            except FrontendTimeout as e:
+                log.warning("%s", e)
+            self._teardown(end_grants=True, lost=True)
+            self.closed_by_backend.set()
+
+    def _backend_gone(self) -> None:
+        """The backend is Closed or its directory vanished while we were connected."""
+        with self._lock:
+            if not self.connected:
+                return
+            self._stop_io()
+            for q in self.queues:
+                q.process()
+            if self._read(xb.STATE) is not None:
+                try:
+                    self._set_state(XenbusState.CLOSED)
+                except GblkError:
+                    pass
+            self._teardown(end_grants=True, lost=True)
+            self.closed_by_backend.set()
+
+    @contextlib.contextmanager
+    def _transition(self) -> Iterator[None]:
+        """A guest-driven transition: the watcher keeps its hands off meanwhile."""
+        with self._lock:
+            outer = self._user_transition
+            self._user_transition = True
+            try:
+                yield
+            finally:
+                self._user_transition = outer
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Guest-initiated close: Closing, wait for the backend's Closing (or Closed),
+        let outstanding requests finish, Closed, wait for the backend's Closed, give
+        the rings and grants back. Idempotent."""
+        timeout = self.options.timeout if timeout is None else timeout
+        with self._transition():
+            if not self.connected:
+                if self.queues:
+                    self._teardown(end_grants=True, lost=True)
+                return
+            self._stop_io()
+            self._set_state(XenbusState.CLOSING)
+            try:
+                self.wait_backend(lambda s: s in (XenbusState.CLOSING, XenbusState.CLOSED, None),
+                                  timeout, "waiting for the backend's Closing")
+                self.wait_idle(timeout)
+                self._set_state(XenbusState.CLOSED)
+                self.wait_backend(lambda s: s in (XenbusState.CLOSED, None), timeout,
+                                  "waiting for the backend's Closed")
+            finally:
+                if self.state != XenbusState.CLOSED:
+                    self._set_state(XenbusState.CLOSED)
+                self._teardown(end_grants=True, lost=True)
+
+    def reconnect(self, timeout: Optional[float] = None) -> "Frontend":
+        """After a close: back to Initialising and connect again with new rings
+        (what a driver reload does). The backend must be Closed and online."""
+        timeout = self.options.timeout if timeout is None else timeout
+        with self._transition():
+            if self.connected:
+                raise FrontendError("reconnect: still connected (close first)")
+            if self.queues:
+                self._teardown(end_grants=True, lost=True)
+            self._set_state(XenbusState.INITIALISING)
+        return self.connect(timeout)
+
+    def reboot(self, timeout: Optional[float] = None) -> "Frontend":
+        """The guest reboots (kexec): outstanding requests are abandoned, then, as
+        Linux's xenbus_reset_frontend does when the backend is still connected,
+        Closing, wait for the backend's Closing, Closed, wait for Closed; then
+        Initialising and a fresh connection with new rings."""
+        timeout = self.options.timeout if timeout is None else timeout
+        with self._transition():
+            self._stop_io()
+            for q in self.queues:
+                q.stop()
+            self._abandon_outstanding()
+            st = self.backend_state()
+            if st in (XenbusState.INITIALISED, XenbusState.CONNECTED, XenbusState.CLOSING):
+                self._set_state(XenbusState.CLOSING)
+                self.wait_backend(lambda s: s in (XenbusState.CLOSING, XenbusState.CLOSED, None),
+                                  timeout, "reset: waiting for the backend's Closing")
+                self._set_state(XenbusState.CLOSED)
+                self.wait_backend(lambda s: s in (XenbusState.CLOSED, None), timeout,
+                                  "reset: waiting for the backend's Closed")
+            self._teardown(end_grants=True, lost=True)
+            self._set_state(XenbusState.INITIALISING)
+        return self.connect(timeout)
+
+    def abandon(self) -> None:
+        """Stop everything without a word to XenStore or the grant table (the domain
+        was destroyed under us). Idempotent."""
+        with self._lock:
+            self._stop_io()
+            self._memory_gone = True
+            self._teardown(end_grants=False, lost=True)
+            self._kill_watcher()
+
+    def stop(self) -> None:
+        """Teardown for fixtures: close politely if the backend answers quickly,
+        otherwise just let go."""
+        try:
+            if self.connected:
+                self.close(timeout=min(5.0, self.options.timeout))
+        except GblkError as e:
+            log.debug("d%d/%d: close during stop: %s", self.domid, self.devid, e)
+        finally:
+            if self.queues:
+                self._teardown(end_grants=True, lost=True)
+            self._kill_watcher()
+            if self.verifier is not None:
+                self.verifier.close()
+                self.verifier = None
+
+    def _kill_watcher(self) -> None:
+        w, self._watcher = self._watcher, None
+        if w is not None and w is not gevent.getcurrent():
+            w.kill(block=True, timeout=5)
+
+    def _stop_io(self) -> None:
+        self.connected = False
+
+    # =====================================================================
+    # teardown
+    # =====================================================================
+    def _abandon_outstanding(self) -> None:
+        for q in self.queues:
+            for part in list(q.outstanding.values()):
+                q.outstanding.pop(part.id, None)
+                self._finish_part(part, Status.ERROR, lost=True)
+
+    def _teardown(self, end_grants: bool, lost: bool) -> None:
+        """Give back rings, event channels and grants (the backend let go of them:
+        it is Closed, or gone). Outstanding requests fail as lost."""
+        self.connected = False
+        for q in self.queues:
+            q.stop()
+        self._abandon_outstanding()
+        for q in self.queues:
+            busy = q.release(end_grants=end_grants)
+            self._quarantine.extend(busy)
+        self.queues = []
+        if end_grants:
+            for frame, gref in self._pool_all:
+                self._end_or_quarantine(gref, frame)
+            self._retry_quarantine()
+            self.stats.grant_leaks = len(self._quarantine)
+        self._pool_all = []
+        self._pool_free = []
+        self._budget = _Budget(self._budget.total)
+        self._inflight = 0
+        self._idle.set()
+        if self._watcher is not None and self._watcher is not gevent.getcurrent():
+            self._kill_watcher()
+
+    def _end_or_quarantine(self, gref: int, frame: int) -> bool:
+        try:
+            ended = self.memory.end_access(gref)
+        except (ValueError, OSError):
+            return False
+        if ended:
+            self._free_frames.append(frame)
+        else:
+            self._quarantine.append((gref, frame))
+        return ended
+
+    def _retry_quarantine(self) -> int:
+        """End the grants the backend had not let go of; how many are still held."""
+        still = []
+        for gref, frame in self._quarantine:
+            try:
+                ended = self.memory.end_access(gref)
+            except (ValueError, OSError):
+                continue
+            if ended:
+                self._free_frames.append(frame)
+            else:
+                still.append((gref, frame))
+        self._quarantine = still
+        return len(still)
+
+    def retry_grants(self) -> int:
+        """Public: retry ending quarantined grants; returns how many remain."""
+        n = self._retry_quarantine()
+        self.stats.grant_leaks = n
+        return n
+
+    def grants_in_use(self) -> int:
+        """Grant refs this guest has in use (all devices of the domain)."""
+        return self.memory.grants_in_use()
+
+    # =====================================================================
+    # pages and grants
+    # =====================================================================
+    def _new_frame(self) -> int:
+        if self._free_frames:
+            return self._free_frames.pop()
+        return self.memory.alloc_page()
+
+    def _take_page(self, readonly: bool) -> Tuple[int, int, bool]:
+        """(frame, gref, persistent) for one page of a request."""
+        if self.persistent:
+            if self._pool_free:
+                frame, gref = self._pool_free.pop()
+            else:
+                frame = self._new_frame()
+                gref = self.memory.grant(frame, self.backend_id, readonly=False)
+                self._pool_all.append((frame, gref))
+            return frame, gref, True
+        frame = self._new_frame()
+        return frame, self.memory.grant(frame, self.backend_id, readonly=readonly), False
+
+    def _give_page(self, frame: int, gref: int, persistent: bool) -> None:
+        if self._memory_gone:
+            return
+        if persistent:
+            self._pool_free.append((frame, gref))
+            return
+        try:
+            ended = self.memory.end_access(gref)
+        except ValueError:
+            return  # its grant was revoked and freed by a hostile test
+        if ended:
+            self._free_frames.append(frame)
+        else:
+            # the backend must unmap before it answers: the page is not ours yet
+            self.stats.grants_busy_after_response += 1
+            self._quarantine.append((gref, frame))
+
+    # =====================================================================
+    # IO
+    # =====================================================================
+    def _pick_queue(self, queue: Optional[int]) -> int:
+        if not self.queues:
+            raise NotConnected(f"d{self.domid}/{self.devid}: not connected")
+        if queue is not None:
+            return queue % len(self.queues)
+        self._rr += 1
+        return self._rr % len(self.queues)
+
+    def _check_connected(self) -> None:
+        if not self.connected:
+            raise NotConnected(f"d{self.domid}/{self.devid}: not connected")
+
+    def submit_read(self, sector: int, nsectors: int, queue: Optional[int] = None,
+                    indirect: Optional[bool] = None, mutate: Optional[Mutate] = None,
+                    push: bool = True) -> gevent.event.AsyncResult:
+        """Read [sector, sector+nsectors); the AsyncResult's value is an IoResult
+        whose ``data`` holds the bytes (verified against the shadow)."""
+        self._check_connected()
+        op = _UserOp("read", sector, nsectors, read=True)
+        self._issue_rw(op, Op.READ, queue, indirect, mutate, push)
+        return op.result
+
+    def submit_write(self, sector: int, data: Buffer, queue: Optional[int] = None,
+                     indirect: Optional[bool] = None, mutate: Optional[Mutate] = None,
+                     push: bool = True) -> gevent.event.AsyncResult:
+        """Write ``data`` (a multiple of 512 bytes) at ``sector``."""
+        self._check_connected()
+        nsectors = _sectors_of(data)
+        op = _UserOp("write", sector, nsectors, data=data)
+        self._issue_rw(op, Op.WRITE, queue, indirect, mutate, push)
+        return op.result
+
+    def submit_flush(self, sector: int = 0, data: Optional[Buffer] = None,
+                     queue: Optional[int] = None, mutate: Optional[Mutate] = None,
+                     push: bool = True) -> gevent.event.AsyncResult:
+        """FLUSH_DISKCACHE; with ``data``, flush then write it at ``sector``."""
+        self._check_connected()
+        if not data:
+            op = _UserOp("flush", sector, 0)
+            self._issue_simple(op, Op.FLUSH_DISKCACHE, queue, mutate, push)
+        else:
+            op = _UserOp("flush", sector, _sectors_of(data), data=data)
+            self._issue_rw(op, Op.FLUSH_DISKCACHE, queue, False, mutate, push)
+        return op.result
+
+    def submit_barrier(self, sector: int, data: Optional[Buffer],
+                       queue: Optional[int] = None, mutate: Optional[Mutate] = None,
+                       push: bool = True) -> gevent.event.AsyncResult:
+        """WRITE_BARRIER carrying ``data`` at ``sector`` (empty: no segments)."""
+        self._check_connected()
+        if not data:
+            op = _UserOp("barrier", sector, 0)
+            self._issue_simple(op, Op.WRITE_BARRIER, queue, mutate, push)
+        else:
+            op = _UserOp("barrier", sector, _sectors_of(data), data=data)
+            self._issue_rw(op, Op.WRITE_BARRIER, queue, False, mutate, push)
+        return op.result
+
+    def submit_discard(self, sector: int, nsectors: int, secure: bool = False,
+                       queue: Optional[int] = None, mutate: Optional[Mutate] = None,
+                       push: bool = True) -> gevent.event.AsyncResult:
+        """DISCARD [sector, sector+nsectors) (BLKIF_DISCARD_SECURE with ``secure``)."""
+        self._check_connected()
+        op = _UserOp("discard", sector, nsectors)
+        self._issue_simple(op, Op.DISCARD, queue, mutate, push,
+                           flag=BLKIF_DISCARD_SECURE if secure else 0)
+        return op.result
+
+    # -- synchronous helpers ------------------------------------------------------
+    def _wait(self, result: gevent.event.AsyncResult, timeout: Optional[float]) -> IoResult:
+        res: Optional[IoResult] = result.get(
+            timeout=self.options.io_timeout if timeout is None else timeout)
+        assert res is not None
+        if res.status != Status.OKAY or res.lost:
+            raise IOFailed(res)
+        return res
+
+    def read(self, sector: int, nsectors: int, timeout: Optional[float] = None, **kw: Any) -> bytes:
+        """Read and verify; raises IOFailed unless OKAY. Mismatches are counted in
+        ``stats.mismatches`` (and on the IoResult of ``submit_read``)."""
+        res = self._wait(self.submit_read(sector, nsectors, **kw), timeout)
+        assert res.data is not None
+        return res.data
+
+    def write(self, sector: int, data: Buffer, timeout: Optional[float] = None, **kw: Any) -> None:
+        self._wait(self.submit_write(sector, data, **kw), timeout)
+
+    def flush(self, sector: int = 0, data: Optional[Buffer] = None,
+              timeout: Optional[float] = None, **kw: Any) -> None:
+        self._wait(self.submit_flush(sector, data, **kw), timeout)
+
+    def barrier(self, sector: int, data: Optional[Buffer], timeout: Optional[float] = None,
+                **kw: Any) -> None:
+        self._wait(self.submit_barrier(sector, data, **kw), timeout)
+
+    def discard(self, sector: int, nsectors: int, secure: bool = False,
+                timeout: Optional[float] = None, **kw: Any) -> None:
+        self._wait(self.submit_discard(sector, nsectors, secure, **kw), timeout)
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Wait until no request is outstanding. False on timeout."""
+        return bool(self._idle.wait(timeout))
+
+    # -- building requests ------------------------------------------------------
+    def _issue_rw(self, op: _UserOp, opcode: int, queue: Optional[int],
+                  indirect: Optional[bool], mutate: Optional[Mutate], push: bool) -> None:
+        """Split a data-carrying operation into ring requests and place them."""
+        qi = self._pick_queue(queue)
+        segs = segments_for(op.sector, op.nsectors)
+        if opcode in (Op.READ, Op.WRITE):
+            max_ind = self.max_indirect_segments
+            if indirect and not max_ind:
+                max_ind = max(self.options.max_indirect_segments, BLKIF_MAX_SEGMENTS_PER_REQUEST)
+            use_ind = bool(max_ind) and indirect is not False and (
+                indirect or self.options.force_indirect or len(segs) > BLKIF_MAX_SEGMENTS_PER_REQUEST)
+            per = max_ind if use_ind else BLKIF_MAX_SEGMENTS_PER_REQUEST
+        else:
+            use_ind, per = False, BLKIF_MAX_SEGMENTS_PER_REQUEST
+        chunks = [segs[i:i + per] for i in range(0, len(segs), per)] or [[]]
+        op.parts_left = len(chunks)
+        self._op_started()
+        sector = op.sector
+        offset = 0
+        try:
+            for chunk in chunks:
+                n = sum(last - first + 1 for first, last in chunk)
+                self._issue_part(op, qi, opcode, sector, n, offset, chunk, use_ind, mutate, push)
+                sector += n
+                offset += n * SECTOR_SIZE
+        except BaseException:
+            self._op_aborted(op)
+            raise
+        op.issuing = False
+        self._maybe_finish(op)
+
+    def _issue_simple(self, op: _UserOp, opcode: int, queue: Optional[int],
+                      mutate: Optional[Mutate], push: bool, flag: int = 0) -> None:
+        qi = self._pick_queue(queue)
+        op.parts_left = 1
+        self._op_started()
+        try:
+            self._issue_part(op, qi, opcode, op.sector, op.nsectors, 0, [], False, mutate,
+                             push, flag=flag)
+        except BaseException:
+            self._op_aborted(op)
+            raise
+        op.issuing = False
+        self._maybe_finish(op)
+
+    def _op_started(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _op_aborted(self, op: _UserOp) -> None:
+        """Issuing failed half-way: parts placed will still complete; the rest never."""
+        op.issuing = False
+        op.lost = True
+        op.parts_left = op.requests - len(op.statuses)
+        self._maybe_finish(op)
+
+    def _issue_part(self, op: _UserOp, qi: int, opcode: int, sector: int, nsectors: int,
+                    offset: int, chunk: Sequence[Tuple[int, int]], indirect: bool,
+                    mutate: Optional[Mutate], push: bool, flag: int = 0) -> None:
+        npages = len(chunk)
+        nind = -(-npages // SEGS_PER_INDIRECT_FRAME) if indirect else 0
+        if not self._budget.acquire(npages + nind, self.options.io_timeout):
+            raise FrontendTimeout("no free pages for a request")
+        q = self.queues[qi] if qi < len(self.queues) else None
+        if q is None or not q.wait_space(self.options.io_timeout) or not self.connected:
+            self._budget.release(npages + nind)
+            raise NotConnected(f"d{self.domid}/{self.devid}: disconnected while submitting")
+        q = self.queues[qi]
+        is_read = opcode == Op.READ
+        kind = op.kind
+        expect: Optional[int] = opcode
+        if indirect and not self.options.strict_indirect_op:
+            expect = None
+        part = Part(next(self._ids) & 0xFFFFFFFFFFFFFFFF, qi, kind,
+                    Op.INDIRECT if indirect else opcode, expect, sector, nsectors)
+        part.parent = op
+        part.offset = offset
+        src = offset
+        try:
+            for first, last in chunk:
+                frame, gref, persistent = self._take_page(readonly=not is_read)
+                part.persistent = persistent
+                part.pages.append((frame, gref, first, last))
+                page = self.memory.page(frame)
+                lo, hi = first * SECTOR_SIZE, (last + 1) * SECTOR_SIZE
+                if is_read:
+                    if lo:
+                        page[:lo] = _CANARY_PAGE[:lo]
+                    if hi < PAGE_SIZE:
+                        page[hi:] = _CANARY_PAGE[hi:]
+                else:
+                    assert op.data is not None
+                    page[lo:hi] = op.data[src:src + (hi - lo)]
+                    src += hi - lo
+            segments = tuple(Segment(g, f, lst) for _, g, f, lst in part.pages)
+            if indirect:
+                for i in range(nind):
+                    frame, gref, persistent = self._take_page(readonly=True)
+                    part.indirect.append((frame, gref))
+                    page = self.memory.page(frame)
+                    descs = pack_indirect_segments(
+                        segments[i * SEGS_PER_INDIRECT_FRAME:(i + 1) * SEGS_PER_INDIRECT_FRAME])
+                    page[:len(descs)] = descs
+                req = Request(Op.INDIRECT, part.id, nr_segments=npages, handle=self.handle,
+                              sector_number=sector, indirect_op=opcode,
+                              indirect_grefs=tuple(g for _, g in part.indirect))
+            elif opcode == Op.DISCARD:
+                req = Request(Op.DISCARD, part.id, handle=self.handle, sector_number=sector,
+                              nr_sectors=nsectors, flag=flag)
+            else:
+                req = Request(opcode, part.id, nr_segments=npages, handle=self.handle,
+                              sector_number=sector, segments=segments)
+            raw: Optional[bytes] = None
+            if mutate is not None:
+                changed = mutate(req)
+                if isinstance(changed, (bytes, bytearray)):
+                    raw = bytes(changed)
+                elif changed is not None:
+                    req = changed
+                    part.id = req.id
+            if raw is None:
+                raw = self.abi.pack_request(req)
+            if self.verifier is not None and nsectors:
+                part.token = self.verifier.begin(sector, nsectors, write=not is_read)
+            q.put(raw, part)
+        except BaseException:
+            self._release_part(part)
+            if part.token is not None and self.verifier is not None:
+                self.verifier.abandon(part.token)
+            raise
+        op.requests += 1
+        self.stats.requests += 1
+        if push:
+            q.push()
+
+    # -- completion ---------------------------------------------------------------
+    def _on_response(self, part: Part, status: int) -> None:
+        self.stats.responses += 1
+        self._finish_part(part, status, lost=False)
+
+    def _finish_part(self, part: Part, status: int, lost: bool) -> None:
+        if part.kind == "raw":
+            if part.result is not None and not lost:
+                part.result.set(RawResponse(part.id, part.op, status))
+            elif part.result is not None:
+                part.result.set(None)
+            self._release_part(part)
+            return
+        op: _UserOp = part.parent
+        ok = status == Status.OKAY and not lost
+        if lost:
+            self.stats.lost += 1
+        elif status == Status.EOPNOTSUPP:
+            self.stats.unsupported += 1
+        elif status != Status.OKAY:
+            self.stats.errors += 1
+        v = self.verifier
+        nbytes = part.nsectors * SECTOR_SIZE
+        if part.kind == "read":
+            assert op.buf is not None
+            if ok:
+                off = part.offset
+                for frame, _, first, last in part.pages:
+                    page = self.memory.page(frame)
+                    lo, hi = first * SECTOR_SIZE, (last + 1) * SECTOR_SIZE
+                    op.buf[off:off + hi - lo] = page[lo:hi]
+                    off += hi - lo
+                    if (lo and page[:lo] != _CANARY_PAGE[:lo]) or (
+                            hi < PAGE_SIZE and page[hi:] != _CANARY_PAGE[hi:]):
+                        self.stats.canary_violations += 1
+                self.stats.bytes_read += nbytes
+            if v is not None and part.token is not None:
+                if lost:
+                    v.abandon(part.token)
+                else:
+                    mm = v.end_read(part.token, ok,
+                                    memoryview(op.buf)[part.offset:part.offset + nbytes])
+                    if mm is not None:
+                        self.stats.mismatches += 1
+                        if op.mismatch is None:
+                            op.mismatch = mm
+                        log.error("d%d/%d: read of sector %d+%d returned wrong data at sector %d",
+                                  self.domid, self.devid, mm.read_sector, mm.nsectors, mm.sector)
+        elif v is not None and part.token is not None:
+            if lost:
+                v.abandon(part.token)
+            elif part.kind == "discard":
+                v.end_write(part.token, ok, None, zeroes=self.options.discard_zeroes)
+            else:
+                data = None
+                if op.data is not None:
+                    data = memoryview(op.data)[part.offset:part.offset + nbytes]
+                v.end_write(part.token, ok, data)
+            if ok and part.kind != "discard":
+                self.stats.bytes_written += nbytes
+        self._release_part(part)
+        op.statuses.append(int(status))
+        if lost:
+            op.lost = True
+        op.parts_left -= 1
+        self._maybe_finish(op)
+
+    def _release_part(self, part: Part) -> None:
+        n = len(part.pages) + len(part.indirect)
+        for frame, gref, _, _ in part.pages:
+            self._give_page(frame, gref, part.persistent)
+        for frame, gref in part.indirect:
+            self._give_page(frame, gref, part.persistent)
+        part.pages = []
+        part.indirect = []
+        if n:
+            self._budget.release(n)
+
+    def _maybe_finish(self, op: _UserOp) -> None:
+        if op.issuing or op.parts_left > 0 or op.result.ready():
+            return
+        status = int(Status.OKAY)
+        for s in op.statuses:
+            if s != Status.OKAY:
+                status = s
+                break
+        if op.lost and status == Status.OKAY:
+            status = Status.ERROR
+        data = bytes(op.buf) if op.buf is not None else None
+        self.stats.ops += 1
+        op.result.set(IoResult(op.kind, op.sector, op.nsectors, int(status), op.statuses,
+                               data, op.mismatch, op.lost, op.requests))
+        self._inflight -= 1
+        if self._inflight <= 0:
+            self._inflight = 0
+            self._idle.set()
+
+    def _violation(self, reason: str) -> None:
+        v = self.stats.violations
+        v[reason] = v.get(reason, 0) + 1
+        if v[reason] == 1:
+            log.error("d%d/%d: backend protocol violation: %s", self.domid, self.devid, reason)
+
+    # =====================================================================
+    # hooks for hostile tests
+    # =====================================================================
+    def queue(self, index: int = 0) -> FrontQueue:
+        return self.queues[index]
+
+    def put_raw(self, raw: bytes, queue: int = 0, push: bool = True,
+                notify: Optional[bool] = None, expect_id: Optional[int] = None,
+                expect_response: bool = True) -> Optional[gevent.event.AsyncResult]:
+        """Place arbitrary bytes in the next slot of ``queue``. The response (its id
+        is read from the bytes unless ``expect_id``) resolves the returned
+        AsyncResult with a RawResponse; without ``expect_response`` nothing is
+        registered (a response will count as ``unknown_id``)."""
+        q = self.queues[queue]
+        raw = bytes(raw).ljust(self.abi.req_size, b"\0")[: self.abi.req_size]
+        result = None
+        part = None
+        if expect_response:
+            rid = self.abi.head.unpack_from(raw)[3] if expect_id is None else expect_id
+            part = Part(rid, queue, "raw", raw[0], None)
+            part.result = result = gevent.event.AsyncResult()
+        q.put(raw, part)
+        self.stats.requests += 1
+        if push:
+            q.push(notify)
+        return result
+
+    def pack(self, req: Request) -> bytes:
+        """The request packed for this frontend's ABI."""
+        return self.abi.pack_request(req)
+
+    def new_id(self) -> int:
+        return next(self._ids) & 0xFFFFFFFFFFFFFFFF
+
+    def push(self, queue: int = 0, notify: Optional[bool] = None) -> bool:
+        """Publish what was placed with ``push=False``."""
+        return self.queues[queue].push(notify)
+
+    def set_req_prod(self, value: int, queue: int = 0, notify: bool = True) -> None:
+        """Hostile: publish a bogus producer index (and kick the backend)."""
+        q = self.queues[queue]
+        q.set_req_prod(value)
+        if notify:
+            q.notify()
+
+    def rewrite_slot(self, index: int, raw: bytes, queue: int = 0) -> None:
+        """Hostile (XSA-155): rewrite the slot of ring index ``index`` after publishing."""
+        self.queues[queue].write_slot(index, raw)
+
+    def revoke_grant(self, gref: int) -> None:
+        """Hostile (XSA-396): revoke a grant the backend may be using."""
+        self.memory.revoke(gref)
+
+    def notify(self, queue: int = 0, count: int = 1) -> None:
+        """Send ``count`` notifications (a storm: XSA-332)."""
+        q = self.queues[queue]
+        for _ in range(count):
+            q.notify()
+
+    def set_state(self, state: int) -> None:
+        """Hostile: write our XenBus state node, nothing else."""
+        self._set_state(state)
+
+    def write_node(self, name: str, value: str) -> None:
+        self.xs.write(f"{self.path}/{name}", value)
+
+    def remove_node(self, name: str) -> None:
+        self.xs.rm(f"{self.path}/{name}")
+
+    def pause_responses(self, queue: Optional[int] = None) -> None:
+        """Stop consuming responses (requests stay outstanding, the ring fills)."""
+        for q in self._queues(queue):
+            q.paused = True
+
+    def resume_responses(self, queue: Optional[int] = None) -> None:
+        for q in self._queues(queue):
+            q.paused = False
+            q.process()
+
+    def poll(self, queue: Optional[int] = None) -> None:
+        """Consume responses without waiting for an event."""
+        for q in self._queues(queue):
+            q.process()
+
+    def _queues(self, queue: Optional[int]) -> List[FrontQueue]:
+        return list(self.queues) if queue is None else [self.queues[queue]]
+
+    def outstanding_requests(self) -> List[PartInfo]:
+        out = []
+        for q in self.queues:
+            for p in q.outstanding.values():
+                out.append(PartInfo(p.id, q.index, p.kind, p.op, p.sector, p.nsectors,
+                                    p.index, p.grefs(), p.indirect_grefs()))
+        return out
+
+
+def _sectors_of(data: Buffer) -> int:
+    n = len(data)
+    if n % SECTOR_SIZE:
+        raise ValueError(f"data length {n} is not a multiple of {SECTOR_SIZE}")
+    return n // SECTOR_SIZE

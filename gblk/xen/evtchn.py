@@ -1,0 +1,157 @@
+"""Real event channels: libxenevtchn (Xen 4.17) through cffi in ABI mode.
+
+``RealEventChannel`` implements ``gblk.xen.interfaces.EventChannel`` over
+``libxenevtchn.so.1`` (Debian package libxenevtchn1): ``xenevtchn_open``, ``_fd``,
+``_bind_interdomain``, ``_notify``, ``_pending``, ``_unmask``, ``_unbind``,
+``_close``. Only those prototypes are declared (from /usr/include/xenevtchn.h).
+The bind result comes back as the C return value, which is why this goes through
+the library and not ``fcntl.ioctl`` (it drops ioctl return values).
+
+Called on the gevent hub: nothing here blocks. The header warns that a
+non-blocking fd may still block in ``xenevtchn_pending`` on old kernels, so
+``pending()`` polls the fd with a zero timeout first. No gevent, no logging; must
+not import anything from gblk but ``errors`` and ``xen.interfaces``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import importlib
+import os
+import select
+from typing import Any, Optional
+
+import cffi
+
+from gblk.errors import EventChannelError, XenUnavailable
+from gblk.xen.interfaces import EventChannel
+
+LIBRARY = "libxenevtchn.so.1"
+PACKAGE = "libxenevtchn1"
+DEVICE = "/dev/xen/evtchn"
+
+CDEF = """
+typedef uint32_t evtchn_port_t;
+typedef int xenevtchn_port_or_error_t;
+struct xentoollog_logger;
+typedef struct xenevtchn_handle xenevtchn_handle;
+
+xenevtchn_handle *xenevtchn_open(struct xentoollog_logger *logger, unsigned int flags);
+int xenevtchn_close(xenevtchn_handle *xce);
+int xenevtchn_fd(xenevtchn_handle *xce);
+int xenevtchn_notify(xenevtchn_handle *xce, evtchn_port_t port);
+xenevtchn_port_or_error_t xenevtchn_bind_interdomain(xenevtchn_handle *xce, uint32_t domid,
+                                                     evtchn_port_t remote_port);
+int xenevtchn_unbind(xenevtchn_handle *xce, evtchn_port_t port);
+xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce);
+int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+_lib: Optional[Any] = None
+
+
+def load_library(name: str = LIBRARY) -> Any:
+    """dlopen libxenevtchn once; XenUnavailable naming the package if it is missing."""
+    global _lib
+    if _lib is not None and name == LIBRARY:
+        return _lib
+    try:
+        lib = ffi.dlopen(name)
+    except OSError:
+        raise XenUnavailable(f"{name} not found: install the Debian package {PACKAGE}") from None
+    if name == LIBRARY:
+        _lib = lib
+    return lib
+
+
+def open_error(err: int) -> XenUnavailable:
+    """The one-line explanation for xenevtchn_open failing with ``err``."""
+    if err == errno.ENOENT:
+        return XenUnavailable(
+            f"no Xen event channel device ({DEVICE}): is this dom0 with xen-evtchn loaded? "
+            "try: modprobe xen-evtchn"
+        )
+    if err in (errno.EACCES, errno.EPERM):
+        return XenUnavailable(f"permission denied opening {DEVICE}: run gblk as root")
+    return XenUnavailable(f"cannot open the Xen event channel device {DEVICE}: {os.strerror(err)}")
+
+
+def _poll_class() -> Any:
+    try:
+        monkey = importlib.import_module("gevent.monkey")
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return select.poll
+    return monkey.get_original("select", "poll")
+
+
+class RealEventChannel(EventChannel):
+    """A handle on /dev/xen/evtchn. Opening raises XenUnavailable without Xen."""
+
+    def __init__(self, library: str = LIBRARY, lib: Any = None) -> None:
+        """``lib``: an already loaded library (tests pass a stand-in)."""
+        self._lib = lib if lib is not None else load_library(library)
+        handle = self._lib.xenevtchn_open(ffi.NULL, 0)
+        if handle == ffi.NULL:
+            raise open_error(ffi.errno)
+        self._handle: Any = handle
+        self._fd = int(self._lib.xenevtchn_fd(handle))
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        self._poll = _poll_class()()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        self._check_open()
+        return self._fd
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        self._check_open()
+        port = self._lib.xenevtchn_bind_interdomain(self._handle, domid, remote_port)
+        if port < 0:
+            raise self._error(f"bind to d{domid} port {remote_port}")
+        return int(port)
+
+    def notify(self, port: int) -> None:
+        self._check_open()
+        if self._lib.xenevtchn_notify(self._handle, port) < 0:
+            raise self._error(f"notify port {port}")
+
+    def pending(self) -> Optional[int]:
+        self._check_open()
+        if not self._poll.poll(0):
+            return None
+        port = self._lib.xenevtchn_pending(self._handle)
+        if port < 0:
+            err = ffi.errno
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+                return None
+            raise EventChannelError(f"xenevtchn_pending: {os.strerror(err)}")
+        return int(port)
+
+    def unmask(self, port: int) -> None:
+        self._check_open()
+        if self._lib.xenevtchn_unmask(self._handle, port) < 0:
+            raise self._error(f"unmask port {port}")
+
+    def unbind(self, port: int) -> None:
+        self._check_open()
+        if self._lib.xenevtchn_unbind(self._handle, port) < 0:
+            raise self._error(f"unbind port {port}")
+
+    def close(self) -> None:
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        self._lib.xenevtchn_close(handle)
+
+    def _check_open(self) -> None:
+        if self._handle is None:
+            raise EventChannelError("event channel handle is closed")
+
+    def _error(self, what: str) -> EventChannelError:
+        err = ffi.errno
+        return EventChannelError(f"{what}: {os.strerror(err)} ({errno.errorcode.get(err, err)})")

@@ -1,0 +1,155 @@
+"""systemd/gblk.service: `systemd-analyze verify` is clean, the hardening keeps the
+overall exposure at 2.5 or less, and the unit agrees with what gblk does."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+
+from gblk.config import Config
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "gblk.service"
+INSTALLED_GBLK = "/usr/local/bin/gblk"
+MAX_EXPOSURE = 2.5
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (apt-get install systemd)",
+)
+
+
+def parse_unit(text: str) -> List[Tuple[str, str, str]]:
+    """(section, key, value) for every assignment, in order (keys repeat in units)."""
+    out: List[Tuple[str, str, str]] = []
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        key, _, value = line.partition("=")
+        out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def values(section: str, key: str) -> List[str]:
+    return [v for s, k, v in parse_unit(UNIT.read_text()) if s == section and k == key]
+
+
+def single(section: str, key: str) -> str:
+    found = values(section, key)
+    assert len(found) == 1, f"{section}.{key}: {found}"
+    return found[0]
+
+
+@pytest.fixture
+def unit_copy(tmp_path: Path) -> Path:
+    """The unit with its command pointing at an executable that exists here: verify
+    checks that ExecStart= is executable, and gblk is not installed system-wide on a
+    test machine."""
+    stub = tmp_path / "bin" / "gblk"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    text = UNIT.read_text()
+    assert INSTALLED_GBLK in text
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    path = unit_dir / "gblk.service"
+    path.write_text(text.replace(INSTALLED_GBLK, str(stub)))
+    return path
+
+
+@needs_analyze
+def test_unit_verifies_clean(unit_copy: Path) -> None:
+    """`systemd-analyze verify` reports nothing: no unknown keys, no bad values, the
+    commands exist, referenced units are well-formed."""
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_copy)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr
+
+
+@needs_analyze
+def test_unit_exposure_is_at_most_2_5(unit_copy: Path) -> None:
+    """`systemd-analyze security --offline=true` scores the hardening; gblk needs
+    root for /dev/xen and the xenstored socket, and the network for /metrics, but
+    everything else is locked down: overall exposure 2.5 or less."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(unit_copy)],
+        capture_output=True, text=True, timeout=120,
+    )
+    text = proc.stdout + proc.stderr
+    match = re.search(r"Overall exposure level for gblk\.service:\s*([0-9.]+)", text)
+    assert match, text
+    exposure = float(match.group(1))
+    assert exposure <= MAX_EXPOSURE, text
+
+
+def test_unit_tells_systemd_the_truth() -> None:
+    """Readiness and liveness: Type=notify with READY=1 from the main process only,
+    a watchdog, restart on failure but not on configuration errors (exit code 2),
+    reload by SIGHUP after checking the file, and a stop timeout above the drain
+    time (daemon.stop_timeout)."""
+    assert single("Service", "Type") == "notify"
+    assert single("Service", "NotifyAccess") == "main"
+    assert single("Service", "WatchdogSec") == "30"
+    assert single("Service", "Restart") == "on-failure"
+    assert single("Service", "RestartPreventExitStatus") == "2"
+    assert single("Service", "ExecStart") == f"{INSTALLED_GBLK} serve"
+    assert values("Service", "ExecReload") == [
+        f"{INSTALLED_GBLK} config --quiet",
+        "/bin/kill -HUP $MAINPID",
+    ]
+    stop = float(single("Service", "TimeoutStopSec"))
+    assert stop > Config().daemon.stop_timeout
+
+
+def test_unit_ordering_around_xen() -> None:
+    """Started after XenStore (Debian's xen.service from /etc/init.d/xen, or upstream's
+    xenstored.service) and before xendomains starts guests."""
+    after = " ".join(values("Unit", "After")).split()
+    for unit in ("xen.service", "xenstored.service", "proc-xen.mount"):
+        assert unit in after
+    assert "xendomains.service" in single("Unit", "Before").split()
+    assert "xenstored.service" in single("Unit", "Wants").split()
+
+
+def test_unit_leaves_gblk_what_it_needs() -> None:
+    """Hardening must not take away what the work needs: the Xen devices, block
+    devices for images, local and TCP sockets, image directories, its state dir."""
+    allowed = values("Service", "DeviceAllow")
+    for dev in ("/dev/xen/gntdev rw", "/dev/xen/evtchn rw", "/dev/xen/xenbus rw", "block-* rw"):
+        assert dev in allowed
+    families = single("Service", "RestrictAddressFamilies").split()
+    assert {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families)
+    assert values("Service", "PrivateNetwork") in ([], ["no"]), "metrics need the network"
+    assert single("Service", "ProtectSystem") == "strict"
+    rw = " ".join(values("Service", "ReadWritePaths")).split()
+    assert "-/var/lib/xen" in rw
+    assert single("Service", "StateDirectory") == "gblk"
+    assert values("Service", "PrivateDevices") in ([], ["no"]), "PrivateDevices hides /dev/xen"
+    assert values("Service", "PrivateUsers") in ([], ["no"]), "root must own /dev/xen access"
+
+
+def test_example_config_is_shipped_beside_the_unit() -> None:
+    """systemd/gblk.toml exists and is installed with the package data."""
+    assert (REPO / "systemd" / "gblk.toml").is_file()
+    setup = (REPO / "setup.cfg").read_text()
+    assert "systemd/gblk.service" in setup and "systemd/gblk.toml" in setup
+
+
+def test_unit_uses_the_default_config_path() -> None:
+    """The unit relies on the documented default /etc/gblk/gblk.toml, so `gblk config`
+    in ExecReload= checks the same file the daemon reads."""
+    assert "--config" not in single("Service", "ExecStart")

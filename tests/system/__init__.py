@@ -1,0 +1,1 @@
+"""The real-Xen system suite: Xen + Debian dom0 under QEMU, Linux blkfront guests (see README.md)."""

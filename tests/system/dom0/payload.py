@@ -1,0 +1,749 @@
+#!/usr/bin/python3
+"""The system suite's orchestrator in dom0: gblk, xl guests, checks, one JSON per scenario.
+
+Run by dom0's per-boot init as ``payload.py SHARE``. Reads ``SHARE/config.json`` (written
+by the host's runner: which phases and scenarios, gblk's command line, time limits),
+starts ``gblk serve`` from the working tree copied into ``SHARE/src`` with its metrics,
+creates PV guests with ``xl`` whose disks gblk serves (``backendtype=phy`` with gblk's
+hotplug script, ``backendtype=qdisk`` with the device model replaced by a stand-in),
+follows each guest through its console log (xenconsoled writes it into the share), makes
+dom0-side checks (image files, XenStore, metrics, leftover domains and mappings) and
+writes ``SHARE/results/<scenario>.json``. The pytest side asserts on those files.
+
+Runs on dom0's Debian python3 with the standard library only (gblk runs in a process of
+its own). Every wait has a time limit; a failing scenario is recorded and the next one
+runs. Must not power off or touch the host: dom0's init does that.
+"""
+
+import glob
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+
+SHARE = sys.argv[1] if len(sys.argv) > 1 else "/mnt/share"
+RESULTS = os.path.join(SHARE, "results")
+LOGS = os.path.join(RESULTS, "logs")
+CONSOLES = os.path.join(RESULTS, "consoles")
+LAB = "/var/lib/gblk-lab"
+HOTPLUG = "/usr/local/bin/gblk-xl-hotplug"
+STANDIN = "/usr/local/bin/gblk-dm-standin"
+CONF = json.load(open(os.path.join(SHARE, "config.json")))
+T0 = time.monotonic()
+MiB = 1 << 20
+
+
+def log(msg):
+    line = "%8.1f %s" % (time.monotonic() - T0, msg)
+    print("@@PAYLOAD " + line, flush=True)
+    with open(os.path.join(LOGS, "payload.log"), "a") as f:
+        f.write(line + "\n")
+
+
+def sh(argv, timeout=60, check=True, quiet=False):
+    """Run a command with a time limit; its output goes to payload.log. Returns stdout."""
+    if isinstance(argv, str):
+        argv = shlex.split(argv)
+    t = time.monotonic()
+    try:
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log("TIMEOUT after %ds: %s" % (timeout, " ".join(argv)))
+        if check:
+            raise Failure("timed out after %ds: %s" % (timeout, " ".join(argv)))
+        return ""
+    out = p.stdout.decode("utf-8", "replace")
+    if not quiet or p.returncode:
+        log("$ %s  -> rc=%d (%.1fs)%s" % (" ".join(argv), p.returncode, time.monotonic() - t,
+                                         ("\n" + out.rstrip()) if out.strip() else ""))
+    if check and p.returncode != 0:
+        raise Failure("exit %d: %s: %s" % (p.returncode, " ".join(argv), out.strip()[-500:]))
+    return out
+
+
+class Failure(Exception):
+    """A scenario step failed (recorded; the next scenario still runs)."""
+
+
+# --- results -------------------------------------------------------------------------
+
+
+class Result:
+    def __init__(self, name):
+        self.name = name
+        self.t0 = time.monotonic()
+        self.checks = []  # dom0-side checks
+        self.steps = []  # guest-side steps (from the console)
+        self.timings = {}
+        self.data = {}
+        self.error = None
+        self.consoles = []
+
+    def check(self, name, ok, detail=""):
+        self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)})
+        log("%s: check %s %s %s" % (self.name, name, "ok" if ok else "FAIL", detail))
+        return ok
+
+    def mark(self, what):
+        self.timings[what] = round(time.monotonic() - self.t0, 1)
+
+    def write(self):
+        ok = (self.error is None and all(c["ok"] for c in self.checks)
+              and all(s["ok"] for s in self.steps) and bool(self.checks or self.steps))
+        doc = {
+            "name": self.name, "status": "pass" if ok else "fail",
+            "seconds": round(time.monotonic() - self.t0, 1), "timings": self.timings,
+            "checks": self.checks, "steps": self.steps, "data": self.data, "error": self.error,
+            "consoles": self.consoles,
+        }
+        path = os.path.join(RESULTS, self.name + ".json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1)
+        os.rename(path + ".tmp", path)
+        log("%s: %s in %.1fs" % (self.name, doc["status"].upper(), doc["seconds"]))
+
+
+# --- guests --------------------------------------------------------------------------
+
+
+#: console lines after which a guest's IO can never complete (blkfront gave up, or worse)
+FATAL_CONSOLE = ("disabled for further use", "response has wrong operation", "Kernel panic",
+                 "BUG: ", "Oops: ", "blocked for more than")
+
+
+class Console:
+    """A guest's console as logged by xenconsoled (``--log=guest``), parsed for @@GBLK lines."""
+
+    def __init__(self, name):
+        self.path = os.path.join(CONSOLES, "guest-%s.log" % name)
+
+    def text(self):
+        try:
+            with open(self.path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def records(self):
+        out = []
+        for line in self.text().splitlines():
+            i = line.find("@@GBLK ")
+            if i >= 0:
+                parts = line[i + 7:].rstrip("\r").split(" ", 2)
+                out.append(parts + [""] * (3 - len(parts)))
+        return out
+
+    def fatal(self):
+        """The first console line saying the guest's disk or kernel broke, or None."""
+        for line in self.text().splitlines():
+            if any(p in line for p in FATAL_CONSOLE):
+                return line.strip()
+        return None
+
+    def count(self, kind, arg=None):
+        return sum(1 for r in self.records() if r[0] == kind and (arg is None or r[1] == arg))
+
+    def wait(self, kind, arg=None, timeout=120, count=1, domain=None):
+        """Wait until ``count`` records ``@@GBLK kind arg`` appeared; Failure on timeout or
+        when ``domain`` is gone before that."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.count(kind, arg) >= count:
+                return
+            bad = self.fatal()
+            if bad:
+                raise Failure("guest console: %s" % bad)
+            if domain is not None and not domain_exists(domain):
+                if self.count(kind, arg) >= count:
+                    return
+                raise Failure("guest %s ended before @@GBLK %s %s" % (domain, kind, arg or ""))
+            time.sleep(0.5)
+        raise Failure("no @@GBLK %s %s on %s within %ds" % (kind, arg or "", self.path, timeout))
+
+    def steps(self):
+        return [{"name": r[1], "ok": r[2].split(" ", 1)[0] == "ok",
+                 "detail": r[2].split(" ", 1)[1] if " " in r[2] else ""}
+                for r in self.records() if r[0] == "STEP"]
+
+    def json(self, tag):
+        for r in self.records():
+            if r[0] == "JSON" and r[1] == tag:
+                try:
+                    return json.loads(r[2])
+                except ValueError:
+                    return {"unparsed": r[2][:2000]}
+        return None
+
+
+def domain_exists(name):
+    p = subprocess.run(["xl", "domid", name], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       timeout=30)
+    return p.returncode == 0
+
+
+def domid_of(name):
+    return int(sh(["xl", "domid", name], quiet=True).strip())
+
+
+def kernel():
+    return sorted(glob.glob("/boot/vmlinuz-*"))[-1]
+
+
+def disk_spec(vdev, target, kind="phy", access="rw"):
+    """An xl disk spec handing ``target`` to gblk (or to the kernel/QEMU for the benchmark)."""
+    if kind == "phy":  # gblk through kind vbd: its hotplug script, blkback not loaded
+        return "format=raw,vdev=%s,access=%s,backendtype=phy,script=%s,target=%s" % (
+            vdev, access, HOTPLUG, target)
+    if kind == "qdisk":  # gblk through kind qdisk: QEMU replaced by the stand-in
+        return "format=raw,vdev=%s,access=%s,backendtype=qdisk,target=%s" % (vdev, access, target)
+    if kind == "blkback":  # the kernel's xen-blkback (default block script)
+        return "format=raw,vdev=%s,access=%s,backendtype=phy,target=%s" % (vdev, access, target)
+    raise ValueError(kind)
+
+
+def make_image(name, mib, fill_mib=0):
+    path = os.path.join(LAB, name + ".img")
+    if os.path.exists(path):
+        os.unlink(path)
+    with open(path, "wb") as f:
+        f.truncate(mib * MiB)
+        if fill_mib:
+            f.write(os.urandom(fill_mib * MiB))
+    return path
+
+
+def file_sha(path, mib):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(mib * MiB))
+    return h.hexdigest()
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+class Guest:
+    def __init__(self, name, scenario, disks, fio=False, memory=None, extra="", dm="standin",
+                 reboot="destroy"):
+        self.name = name
+        self.console = Console(name)
+        ramdisk = os.path.join(LAB, "guest-fio.cpio" if fio else "guest-small.cpio")
+        cfg = [
+            'name = "%s"' % name,
+            'type = "pv"',
+            'kernel = "%s"' % kernel(),
+            'ramdisk = "%s"' % ramdisk,
+            "memory = %d" % (memory or (448 if fio else 192)),
+            "vcpus = 1",
+            'extra = "console=hvc0 quiet loglevel=4 gblk.scenario=%s %s"' % (scenario, extra),
+            'on_poweroff = "destroy"',
+            'on_reboot = "%s"' % reboot,
+            'on_crash = "destroy"',
+            "disk = [ %s ]" % ", ".join("'%s'" % d for d in disks),
+        ]
+        if dm == "standin" and any("backendtype=qdisk" in d for d in disks):
+            cfg.append('device_model_version = "qemu-xen"')
+            cfg.append('device_model_override = "%s"' % STANDIN)
+        self.cfg_path = os.path.join(LAB, name + ".cfg")
+        with open(self.cfg_path, "w") as f:
+            f.write("\n".join(cfg) + "\n")
+        with open(os.path.join(LOGS, name + ".cfg"), "w") as f:
+            f.write("\n".join(cfg) + "\n")
+        if os.path.exists(self.console.path):
+            os.rename(self.console.path, self.console.path + ".old")
+        self.domid = None
+
+    def create(self, res):
+        t = time.monotonic()
+        sh(["xl", "-v", "create", self.cfg_path], timeout=CONF["timeouts"]["create"])
+        self.domid = domid_of(self.name)
+        res.timings["create " + self.name] = round(time.monotonic() - t, 1)
+        res.consoles.append(os.path.relpath(self.console.path, RESULTS))
+        log("%s: created domid %d in %.1fs" % (self.name, self.domid, time.monotonic() - t))
+        return self
+
+    def wait(self, kind, arg=None, timeout=None, count=1):
+        self.console.wait(kind, arg, timeout or CONF["timeouts"]["guest"], count, domain=self.name)
+
+    def wait_gone(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not domain_exists(self.name):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def destroy(self):
+        if domain_exists(self.name):
+            sh(["xl", "destroy", self.name], timeout=60, check=False)
+
+
+def domain_ids():
+    """{domid: name} of every domain Xen still has (dying ones included)."""
+    out = sh(["xl", "list"], quiet=True, check=False)
+    doms = {}
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            doms[int(parts[1])] = parts[0]
+    return doms
+
+
+# --- gblk ----------------------------------------------------------------------------
+
+
+class Gblk:
+    def __init__(self):
+        self.proc = None
+        self.addr = CONF["gblk"]["metrics_address"]
+        self.logf = None
+
+    def start(self):
+        env = dict(os.environ, PYTHONPATH=os.path.join(SHARE, "src"), PYTHONUNBUFFERED="1")
+        argv = CONF["gblk"]["argv"]
+        log("gblk: starting: " + " ".join(argv))
+        self.logf = open(os.path.join(LOGS, "gblk.log"), "ab")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
+                                     stderr=subprocess.STDOUT, env=env, cwd="/")
+        deadline = time.monotonic() + CONF["timeouts"]["gblk_start"]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise Failure("gblk serve exited with %s at start (see logs/gblk.log)" % self.proc.returncode)
+            try:
+                self.scrape()
+                log("gblk: up (pid %d), metrics on %s" % (self.proc.pid, self.addr))
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise Failure("gblk metrics did not answer on %s within %ss" % (self.addr, CONF["timeouts"]["gblk_start"]))
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def scrape(self, path="/metrics"):
+        with urllib.request.urlopen("http://%s%s" % (self.addr, path), timeout=10) as r:
+            return r.read().decode()
+
+    def metrics(self):
+        return parse_metrics(self.scrape())
+
+    def gntdev_mappings(self):
+        """Mappings of /dev/xen/gntdev in gblk's address space (guest pages it holds)."""
+        try:
+            with open("/proc/%d/maps" % self.proc.pid) as f:
+                return sum(1 for line in f if "gntdev" in line)
+        except OSError:
+            return -1
+
+    def open_fds(self):
+        try:
+            return len(os.listdir("/proc/%d/fd" % self.proc.pid))
+        except OSError:
+            return -1
+
+    def stop(self, timeout=30):
+        if not self.alive():
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = "killed after %ds" % timeout
+        log("gblk: stopped: %s" % rc)
+        return rc
+
+
+def parse_metrics(text):
+    """[(name, {label: value}, float)] from the Prometheus text format."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)", line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
+        try:
+            out.append((m.group(1), labels, float(m.group(4))))
+        except ValueError:
+            pass
+    return out
+
+
+def metric_sum(samples, name, **labels):
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == str(x) for k, x in labels.items()))
+
+
+def series_for_domain(samples, domid):
+    return [(n, lab) for n, lab, _ in samples if lab.get("domain") == str(domid)]
+
+
+# --- scenarios -------------------------------------------------------------------------
+
+VDEV = {"xvda": 51712, "xvdb": 51728}
+
+
+def collect(res, guest):
+    res.steps.extend(guest.console.steps())
+
+
+def sc_fio_verify(res, gblk):
+    """1 + 7: fio --verify on a phy and a qdisk disk; gblk's metrics account for the IO."""
+    a = make_image("fio-a", 256)
+    b = make_image("fio-b", 256)
+    g = Guest("fio", "fio_verify", [disk_spec("xvda", a, "phy"), disk_spec("xvdb", b, "qdisk")],
+              fio=True).create(res)
+    before = gblk.metrics()
+    g.wait("READY", "metrics")
+    res.mark("fio done")
+    collect(res, g)
+    for qd in (1, 8, 32):
+        rep = g.console.json("qd%d" % qd) or {}
+        jobs = rep.get("jobs", [])
+        res.data["qd%d" % qd] = [{
+            "job": j.get("jobname"), "error": j.get("error"),
+            "write_bytes": j.get("write", {}).get("io_bytes"),
+            "read_bytes": j.get("read", {}).get("io_bytes"),
+            "write_iops": j.get("write", {}).get("iops"),
+        } for j in jobs]
+    # 7: metrics scraped in dom0 while the guest is still connected
+    m = Result("metrics")
+    try:
+        after = gblk.metrics()
+        with open(os.path.join(LOGS, "metrics-fio.txt"), "w") as f:
+            f.write(gblk.scrape())
+        fio_w = {"phy": 0, "qdisk": 0}
+        fio_r = {"phy": 0, "qdisk": 0}
+        for qd in (1, 8, 32):
+            for j in (g.console.json("qd%d" % qd) or {}).get("jobs", []):
+                fio_w[j["jobname"]] += j["write"]["io_bytes"]
+                fio_r[j["jobname"]] += j["read"]["io_bytes"]
+        m.data["fio"] = {"write": fio_w, "read": fio_r}
+        for job, dev in (("phy", VDEV["xvda"]), ("qdisk", VDEV["xvdb"])):
+            w = metric_sum(after, "gblk_bytes_total", domain=g.domid, device=dev, op="write") - \
+                metric_sum(before, "gblk_bytes_total", domain=g.domid, device=dev, op="write")
+            r = metric_sum(after, "gblk_bytes_total", domain=g.domid, device=dev, op="read") - \
+                metric_sum(before, "gblk_bytes_total", domain=g.domid, device=dev, op="read")
+            reqs = metric_sum(after, "gblk_requests_total", domain=g.domid, device=dev)
+            errs = metric_sum(after, "gblk_errors_total", domain=g.domid, device=dev)
+            flushes = metric_sum(after, "gblk_requests_total", domain=g.domid, device=dev, op="flush")
+            m.data[job] = {"gblk_write": w, "gblk_read": r, "requests": reqs, "errors": errs, "flush": flushes}
+            m.check("%s-write-bytes" % job, w == fio_w[job], "gblk %d, fio %d" % (w, fio_w[job]))
+            m.check("%s-read-bytes" % job, r >= fio_r[job] > 0, "gblk %d, fio %d" % (r, fio_r[job]))
+            m.check("%s-no-errors" % job, errs == 0, errs)
+            m.check("%s-flushes" % job, flushes > 0, flushes)
+            m.check("%s-connected" % job, metric_sum(after, "gblk_device_connected", domain=g.domid, device=dev) == 1)
+        g.destroy()
+        gone = g.wait_gone(60)
+        m.check("guest-gone", gone)
+        time.sleep(2)
+        left = series_for_domain(gblk.metrics(), g.domid)
+        m.check("series-vanish", not left, left[:5])
+    except Exception as e:  # noqa: BLE001 - recorded in the result
+        m.error = "%s: %s" % (type(e).__name__, e)
+        log(traceback.format_exc())
+    m.write()
+    res.check("guest-done", g.console.count("DONE") == 0 and g.console.count("READY", "metrics") == 1)
+
+
+def sc_mkfs_fsck(res, gblk):
+    """2: mkfs.ext4, copy a tree, fsck -f clean, checksums match after remount."""
+    a = make_image("fs", 256)
+    g = Guest("fs", "mkfs_fsck", [disk_spec("xvda", a, "phy")]).create(res)
+    g.wait("DONE")
+    collect(res, g)
+    res.check("steps-seen", len(res.steps) >= 8, len(res.steps))
+
+
+def sc_reboot(res, gblk):
+    """3: guest reboot (and a blkfront unbind/bind) -> reconnect -> data intact."""
+    a = make_image("reboot", 128)
+    g = Guest("reboot", "reboot", [disk_spec("xvda", a, "phy")], reboot="restart").create(res)
+    first = g.domid
+    g.wait("REBOOTING")
+    res.mark("rebooting")
+    deadline = time.monotonic() + CONF["timeouts"]["guest"]
+    while time.monotonic() < deadline:
+        if g.console.count("DONE") >= 1:
+            break
+        time.sleep(0.5)
+    res.mark("second boot done")
+    collect(res, g)
+    res.check("second-boot", g.console.count("BOOT", "second") == 1)
+    res.check("verified-after-reboot", any(s["name"] == "verify-after-reboot" for s in res.steps))
+    res.check("old-domain-released", first not in domain_ids(), "domid %d" % first)
+    m = gblk.metrics()
+    res.check("old-series-gone", not series_for_domain(m, first))
+
+
+def sc_attach_detach(res, gblk):
+    """4: xl block-attach / block-detach of a second gblk disk while the guest runs."""
+    a = make_image("hot-a", 128)
+    b = make_image("hot-b", 64)
+    g = Guest("hotplug", "attach_detach", [disk_spec("xvda", a, "phy")]).create(res)
+    g.wait("READY", "attach1")
+    t = time.monotonic()
+    sh(["xl", "block-attach", g.name, disk_spec("xvdb", b, "phy")], timeout=90)
+    res.timings["block-attach 1"] = round(time.monotonic() - t, 1)
+    g.wait("READY", "detach")
+    t = time.monotonic()
+    sh(["xl", "block-detach", g.name, "xvdb"], timeout=90)
+    res.timings["block-detach"] = round(time.monotonic() - t, 1)
+    bdir = "/local/domain/0/backend/vbd/%d/%d" % (g.domid, VDEV["xvdb"])
+    gone = subprocess.call(["xenstore-exists", bdir], stderr=subprocess.DEVNULL, timeout=30) != 0
+    res.check("backend-dir-removed", gone, bdir)
+    time.sleep(1)
+    left = [s for s in series_for_domain(gblk.metrics(), g.domid) if s[1].get("device") == str(VDEV["xvdb"])]
+    res.check("detached-series-gone", not left, left[:3])
+    g.wait("READY", "attach2")
+    t = time.monotonic()
+    sh(["xl", "block-attach", g.name, disk_spec("xvdb", b, "phy")], timeout=90)
+    res.timings["block-attach 2"] = round(time.monotonic() - t, 1)
+    g.wait("DONE")
+    collect(res, g)
+
+
+def sc_read_only(res, gblk):
+    """5: read-only disks (phy and qdisk): the guest sees them read-only, writes fail."""
+    a = make_image("ro-a", 64, fill_mib=4)
+    b = make_image("ro-b", 64)
+    with open(a, "rb") as src, open(b, "r+b") as dst:
+        dst.write(src.read(4 * MiB))
+    sha = file_sha(a, 4)
+    whole = (file_sha(a, 64), file_sha(b, 64))
+    g = Guest("ro", "read_only", [disk_spec("xvda", a, "phy", "ro"), disk_spec("xvdb", b, "qdisk", "ro")],
+              extra="gblk.sha=%s" % sha).create(res)
+    g.wait("DONE")
+    collect(res, g)
+    res.check("images-unchanged", (file_sha(a, 64), file_sha(b, 64)) == whole)
+    res.check("steps-seen", len(res.steps) == 6, len(res.steps))
+
+
+def sc_discard(res, gblk):
+    """6: discard from the guest (blkdiscard, fstrim) punches holes in the image files."""
+    a = make_image("discard-a", 128)
+    b = make_image("discard-b", 128)
+    g = Guest("discard", "discard", [disk_spec("xvda", a, "phy"), disk_spec("xvdb", b, "qdisk")]).create(res)
+    g.wait("READY", "written")
+    res.data["xvda_allocated_after_write"] = allocated(a)
+    g.wait("DONE")
+    collect(res, g)
+    res.data["xvda_allocated_end"] = allocated(a)
+    res.data["xvdb_allocated_end"] = allocated(b)
+    res.check("xvda-was-allocated", res.data["xvda_allocated_after_write"] >= 30 * MiB,
+              res.data["xvda_allocated_after_write"])
+    res.check("xvda-holes-punched", allocated(a) < 2 * MiB, "%d bytes still allocated" % allocated(a))
+    res.check("xvdb-holes-punched", allocated(b) < 24 * MiB, "%d bytes still allocated" % allocated(b))
+
+
+def sc_two_guests(res, gblk):
+    """8: two guests x two disks under IO; one destroyed mid-IO; the other unaffected, and
+    gblk lets go of everything the destroyed one had."""
+    dur = CONF.get("pair_duration", 75)
+    ga = Guest("pair-a", "pair", [disk_spec("xvda", make_image("pa-a", 128), "phy"),
+                                   disk_spec("xvdb", make_image("pa-b", 128), "qdisk")],
+               fio=True, memory=384, extra="gblk.duration=%d" % dur).create(res)
+    gb = Guest("pair-b", "pair", [disk_spec("xvda", make_image("pb-a", 128), "phy"),
+                                   disk_spec("xvdb", make_image("pb-b", 128), "qdisk")],
+               fio=True, memory=384, extra="gblk.duration=%d" % (dur * 4)).create(res)
+    ga.wait("READY", "io-started")
+    gb.wait("READY", "io-started")
+    time.sleep(10)
+    res.check("a-still-running", domain_exists(ga.name))
+    b_domid = gb.domid
+    t = time.monotonic()
+    sh(["xl", "destroy", gb.name], timeout=60)
+    res.timings["destroy b"] = round(time.monotonic() - t, 1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and b_domid in domain_ids():
+        time.sleep(0.5)
+    res.timings["b released by Xen"] = round(time.monotonic() - t, 1)
+    res.check("b-domain-released", b_domid not in domain_ids(),
+              "domain %d still known to Xen (dying: pages still mapped?)" % b_domid)
+    for kind in ("vbd", "qdisk"):
+        out = sh(["xenstore-list", "/local/domain/0/backend/%s" % kind], check=False, quiet=True)
+        res.check("b-%s-backend-removed" % kind, str(b_domid) not in out.split(), out.strip())
+    time.sleep(2)
+    left = series_for_domain(gblk.metrics(), b_domid)
+    res.check("b-series-gone", not left, left[:3])
+    res.check("gblk-alive", gblk.alive())
+    ga.wait("DONE", timeout=dur + CONF["timeouts"]["guest"])
+    res.steps.extend({"name": "a-" + s["name"], "ok": s["ok"], "detail": s["detail"]} for s in ga.console.steps())
+    res.check("a-io-loop", any(s["name"] == "a-io-loop" and s["ok"] for s in res.steps))
+    ga.wait_gone(60)
+    time.sleep(2)
+    maps = gblk.gntdev_mappings()
+    res.check("no-grant-mappings-left", maps == 0, "%d gntdev mappings in gblk" % maps)
+    res.data["b_steps_before_destroy"] = gb.console.steps()
+
+
+def sc_pipeline(res, gblk):
+    """Pipeline proof without gblk: kernel blkback on a loop device, fio verify in a guest."""
+    res.check("gntdev", os.path.exists("/dev/xen/gntdev"))
+    res.check("evtchn", os.path.exists("/dev/xen/evtchn"))
+    res.check("xenstored", bool(sh(["xenstore-read", "/local/domain/0/name"], check=False).strip()))
+    res.check("xl-list", "Domain-0" in sh(["xl", "list"], check=False))
+    img = make_image("pipeline", 128)
+    loop = sh(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
+    g = Guest("pipeline", "pipeline", [disk_spec("xvda", loop, "blkback")], fio=True).create(res)
+    g.wait("DONE")
+    collect(res, g)
+    g.wait_gone(60)
+    sh(["losetup", "-d", loop], check=False)
+
+
+def sc_probe(res, gblk):
+    """gblk's real host bindings, imported and opened in dom0 (no guest)."""
+    code = open(os.path.join(SHARE, "dom0", "probe.py")).read()
+    env = dict(os.environ, PYTHONPATH=os.path.join(SHARE, "src"))
+    p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       env=env, timeout=120)
+    out = p.stdout.decode("utf-8", "replace")
+    with open(os.path.join(LOGS, "probe.txt"), "w") as f:
+        f.write(out)
+    for line in out.splitlines():
+        if line.startswith("PROBE "):
+            _, name, status, detail = (line.split(" ", 3) + [""])[:4]
+            res.check(name, status == "ok", detail)
+    res.check("probe-exit", p.returncode == 0, p.returncode)
+
+
+# --- benchmark -------------------------------------------------------------------------
+
+BENCH_JOBS = ("randread-4k-qd1", "randread-4k-qd32", "randwrite-4k-qd1", "randwrite-4k-qd32",
+              "read-1m-seq", "write-1m-seq")
+
+
+def bench_one(res, backend, spec, dm):
+    g = Guest("bench-" + backend, "bench", [spec], fio=True, memory=448,
+              extra="gblk.runtime=%d" % CONF.get("bench_runtime", 10), dm=dm).create(res)
+    g.wait("DONE", timeout=CONF["timeouts"]["guest"] + 12 * CONF.get("bench_runtime", 10))
+    collect(res, g)
+    rows = {}
+    for job in BENCH_JOBS:
+        rep = g.console.json(job) or {}
+        j = (rep.get("jobs") or [{}])[0]
+        op = "write" if "write" in job else "read"
+        st = j.get(op, {})
+        rows[job] = {"iops": st.get("iops"), "mib_s": (st.get("bw_bytes") or 0) / MiB,
+                     "lat_mean_us": (st.get("clat_ns", {}).get("mean") or 0) / 1000.0,
+                     "error": j.get("error")}
+    res.data[backend] = rows
+    g.wait_gone(60)
+
+
+def sc_bench(res, gblk):
+    """gblk vs QEMU qdisk vs kernel blkback: same fio jobs, same image, one boot."""
+    img = os.path.join(LAB, "bench.img")
+    sh(["dd", "if=/dev/urandom", "of=" + img, "bs=1M", "count=256", "status=none"], timeout=300)
+    res.mark("image")
+    if gblk.alive():
+        bench_one(res, "gblk", disk_spec("xvda", img, "phy"), "standin")
+        res.mark("gblk")
+        gblk.stop()
+    try:
+        bench_one(res, "qdisk", disk_spec("xvda", img, "qdisk"), "qemu")
+    except Failure as e:
+        res.data["qdisk_error"] = str(e)
+    res.mark("qdisk")
+    sh(["modprobe", "xen-blkback"])
+    loop = sh(["losetup", "--find", "--show", "--direct-io=on", img]).strip()
+    try:
+        bench_one(res, "blkback", disk_spec("xvda", loop, "blkback"), "none")
+    except Failure as e:
+        res.data["blkback_error"] = str(e)
+    res.mark("blkback")
+    sh(["losetup", "-d", loop], check=False)
+
+
+SCENARIOS = {
+    "probe": sc_probe,
+    "pipeline": sc_pipeline,
+    "fio_verify": sc_fio_verify,
+    "mkfs_fsck": sc_mkfs_fsck,
+    "reboot": sc_reboot,
+    "attach_detach": sc_attach_detach,
+    "read_only": sc_read_only,
+    "discard": sc_discard,
+    "two_guests": sc_two_guests,
+    "bench": sc_bench,
+}
+NEEDS_GBLK = {"fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard", "two_guests"}
+
+
+def cleanup_domains():
+    for domid, name in domain_ids().items():
+        if domid != 0:
+            sh(["xl", "destroy", name], timeout=60, check=False)
+
+
+class OutOfTime(Exception):
+    """A scenario ran past its budget (SIGALRM)."""
+
+
+def _alarm(signum, frame):
+    raise OutOfTime("scenario ran past its time budget")
+
+
+def main():
+    signal.signal(signal.SIGALRM, _alarm)
+    os.makedirs(LAB, exist_ok=True)
+    for variant in ("small", "fio"):
+        src = os.path.join(SHARE, "guest", "guest-%s.cpio" % variant)
+        if os.path.exists(src):
+            sh(["cp", src, os.path.join(LAB, "guest-%s.cpio" % variant)], timeout=120)
+    boot = {"uptime_at_payload": float(open("/proc/uptime").read().split()[0]), "scenarios": {}}
+    log("payload: scenarios %s" % CONF["scenarios"])
+    gblk = Gblk()
+    gblk_error = None
+    if any(s in NEEDS_GBLK or s == "bench" for s in CONF["scenarios"]):
+        try:
+            gblk.start()
+        except Exception as e:  # noqa: BLE001 - recorded in every scenario that needs gblk
+            gblk_error = "gblk did not start: %s" % e
+            log(gblk_error)
+    boot["gblk_start"] = round(time.monotonic() - T0, 1)
+    for name in CONF["scenarios"]:
+        res = Result(name)
+        log("===== scenario %s" % name)
+        left = CONF["payload_timeout"] - 60 - (time.monotonic() - T0)
+        budget = int(max(10, min(CONF["budgets"].get(name, 300), left)))
+        signal.alarm(budget)
+        try:
+            if name in NEEDS_GBLK and gblk_error:
+                raise Failure(gblk_error)
+            if name in NEEDS_GBLK and not gblk.alive():
+                raise Failure("gblk serve is not running (exit %s, see logs/gblk.log)" % gblk.proc.returncode)
+            SCENARIOS[name](res, gblk)
+            if name in NEEDS_GBLK:
+                res.check("gblk-still-running", gblk.alive())
+        except Exception as e:  # noqa: BLE001 - recorded in the result
+            res.error = "%s: %s" % (type(e).__name__, e)
+            log(traceback.format_exc())
+        finally:
+            signal.alarm(0)
+        try:
+            cleanup_domains()
+        except Exception as e:  # noqa: BLE001 - recorded in the result
+            res.error = res.error or "cleanup: %s" % e
+        res.write()
+        boot["scenarios"][name] = round(time.monotonic() - res.t0, 1)
+    if gblk.alive():
+        boot["gblk_stop"] = str(gblk.stop())
+    boot["total"] = round(time.monotonic() - T0, 1)
+    with open(os.path.join(RESULTS, "boot.json"), "w") as f:
+        json.dump(boot, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

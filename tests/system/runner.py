@@ -1,0 +1,240 @@
+"""Boots Xen + a Debian dom0 under QEMU and runs the system scenarios there: host side.
+
+One boot runs every scenario asked for (boots are expensive). The runner prepares a run
+directory whose ``share/`` QEMU exports to dom0 over virtio-9p:
+
+- ``share/dom0/``: dom0's per-boot init, the payload (orchestrator), gblk's hotplug
+  wrapper, the device-model stand-in and the bindings probe (``tests/system/dom0``);
+- ``share/src/gblk``: a copy of the working tree's package (gblk runs from it in dom0;
+  ``GBLK_SYSTEM_SRC=DIR`` takes ``DIR/gblk`` instead);
+- ``share/guest/``: the guest initramfs images (cached base archives + the per-boot init);
+- ``share/config.json``: scenarios, gblk's command line and every time limit;
+- ``share/results/``: written by dom0 (one JSON per scenario, logs, guest consoles);
+
+then runs QEMU (TCG by default, ``-snapshot`` so the cached image stays pristine) under an
+outer ``timeout`` with the serial console in ``share/results/serial.log``.
+
+Must not: write into the repository, leave QEMU running, or run QEMU without a time limit.
+
+Usage: ``python3 tests/system/runner.py [--scenarios a,b] [--no-bench] [--kvm] [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+try:
+    from . import build, lab
+except ImportError:  # pragma: no cover - script mode
+    import build  # type: ignore[no-redef]
+    import lab  # type: ignore[no-redef]
+
+#: every scenario, in the order one boot runs them (gblk's first, then the benchmark,
+#: which stops gblk and loads the kernel's blkback at its end)
+ALL_SCENARIOS = (
+    "probe", "fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard",
+    "two_guests", "bench",
+)
+#: a hard time limit per scenario inside dom0 (seconds); typical runs take a third of it
+BUDGETS: Dict[str, int] = {
+    "probe": 90, "pipeline": 240, "fio_verify": 420, "mkfs_fsck": 240, "reboot": 300,
+    "attach_detach": 300, "read_only": 180, "discard": 240, "two_guests": 420, "bench": 720,
+}
+#: a hard limit for all scenarios of one boot together (CI's whole run has 90 minutes)
+PAYLOAD_CAP = 2400
+BOOT_OVERHEAD = 240  # Xen + dom0 + xen tools up, and the power-off
+METRICS_ADDRESS = "127.0.0.1:9741"
+RUNS_KEPT = 5
+
+
+def gblk_argv(scenarios: List[str]) -> List[str]:
+    return [
+        "python3", "-m", "gblk", "serve", "--xen", "real", "--kinds", "vbd,qdisk",
+        "--metrics-address", METRICS_ADDRESS, "--log-level", "debug",
+    ]
+
+
+def _compress(data: bytes) -> bytes:
+    # libxc passes anything but gzip to the guest as is; the guest kernel unpacks zstd
+    proc = subprocess.run(["zstd", "-q", "-3", "-T0", "-c"], input=data, capture_output=True, timeout=120, check=True)
+    return proc.stdout
+
+
+def guest_initrds(images: Path, dest: Path) -> Dict[str, int]:
+    """guest-small.cpio (base + init) and guest-fio.cpio (base + fio + init), zstd segments."""
+    dest.mkdir(parents=True, exist_ok=True)
+    overlay = lab.Cpio()
+    overlay.copy("init", lab.HERE / "guest" / "init", 0o755)
+    import io
+
+    buf = io.BytesIO()
+    overlay.write(buf)
+    init_seg = _compress(buf.getvalue())
+    sizes = {}
+    for variant, parts in (("small", ["guest-base.cpio"]), ("fio", ["guest-base.cpio", "guest-fio.cpio"])):
+        out = dest / f"guest-{variant}.cpio"
+        with open(out, "wb") as f:
+            for part in parts:
+                cached = images / (part + ".zst")
+                if not cached.exists():
+                    tmp = cached.with_suffix(".tmp")
+                    tmp.write_bytes(_compress((images / part).read_bytes()))
+                    os.replace(tmp, cached)
+                f.write(cached.read_bytes())
+            f.write(init_seg)
+        sizes[variant] = out.stat().st_size
+    return sizes
+
+
+def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: int, pair_duration: int) -> Path:
+    share = run_dir / "share"
+    if share.exists():
+        shutil.rmtree(share)
+    (share / "results" / "logs").mkdir(parents=True)
+    (share / "results" / "consoles").mkdir(parents=True)
+    shutil.copytree(lab.HERE / "dom0", share / "dom0")
+    src = Path(os.environ.get("GBLK_SYSTEM_SRC", str(lab.REPO))) / "gblk"
+    shutil.copytree(src, share / "src" / "gblk", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    sizes = guest_initrds(images, share / "guest")
+    payload_timeout = min(sum(BUDGETS[s] for s in scenarios) + 120, PAYLOAD_CAP)
+    config = {
+        "scenarios": scenarios,
+        "blkback": "pipeline" in scenarios,
+        "gblk": {"argv": gblk_argv(scenarios), "metrics_address": METRICS_ADDRESS},
+        "budgets": {s: BUDGETS[s] for s in scenarios},
+        "payload_timeout": payload_timeout,
+        "timeouts": {"create": 180, "guest": 300, "gblk_start": 90},
+        "bench_runtime": bench_runtime,
+        "pair_duration": pair_duration,
+        "guest_initrd_bytes": sizes,
+    }
+    (share / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return share
+
+
+def qemu_argv(images: Path, share: Path, kvm: bool) -> List[str]:
+    xen_cmdline = (
+        "console=com1 com1=115200,8n1 dom0_mem=2048M,max:2048M dom0_max_vcpus=2 "
+        "loglvl=all guest_loglvl=all noreboot"
+    )
+    dom0_cmdline = "console=hvc0 earlyprintk=xen root=/dev/vda rw init=/usr/sbin/gblk-lab-init loglevel=5"
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg", "-cpu", "qemu64"]
+    return [
+        "qemu-system-x86_64", *accel, "-m", "4G", "-smp", "2",
+        "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
+        "-kernel", str(images / "xen"), "-append", xen_cmdline,
+        "-initrd", f"{images / 'vmlinuz'} {dom0_cmdline},{images / 'initrd.img'}",
+        "-drive", f"file={images / 'dom0.ext4'},if=virtio,format=raw,cache=unsafe",
+        "-snapshot",
+        "-virtfs", f"local,path={share},mount_tag=share,security_model=none,id=share",
+    ]
+
+
+class BootResult:
+    """What a boot left: the results directory, QEMU's exit and the boot's timings."""
+
+    def __init__(self, results: Path, rc: Optional[int], seconds: float, timed_out: bool) -> None:
+        self.results = results
+        self.rc = rc
+        self.seconds = seconds
+        self.timed_out = timed_out
+
+    def as_dict(self) -> Dict[str, object]:
+        return {"rc": self.rc, "seconds": round(self.seconds, 1), "timed_out": self.timed_out}
+
+
+def dom0_stamps(serial: Path) -> Dict[str, float]:
+    """dom0's @@DOM0 stamps (seconds since dom0's kernel started) from the serial log."""
+    out: Dict[str, float] = {}
+    if serial.exists():
+        for m in re.finditer(r"@@DOM0 ([0-9.]+) ([^\r\n]+)", serial.read_text(errors="replace")):
+            out.setdefault(m.group(2).strip(), float(m.group(1)))
+    return out
+
+
+def boot(images: Path, share: Path, kvm: bool = False) -> BootResult:
+    config = json.loads((share / "config.json").read_text())
+    limit = int(config["payload_timeout"]) + BOOT_OVERHEAD
+    results = share / "results"
+    serial = results / "serial.log"
+    argv = ["timeout", "-k", "20", str(limit), *qemu_argv(images, share, kvm)]
+    (results / "qemu-argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+    lab.log(f"boot: QEMU ({'kvm' if kvm else 'tcg'}), hard limit {limit} s, serial in {serial}")
+    t0 = time.monotonic()
+    with open(serial, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc: Optional[int] = proc.wait(timeout=limit + 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=30)
+            rc = None
+    seconds = time.monotonic() - t0
+    timed_out = rc in (None, 124, 137)
+    result = BootResult(results, rc, seconds, timed_out)
+    summary = {"qemu": result.as_dict(), "dom0": dom0_stamps(serial), "config": config}
+    (results / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    lab.log(f"boot: QEMU exit {rc} after {seconds:.0f} s{' (TIME LIMIT)' if timed_out else ''}")
+    return result
+
+
+def new_run_dir() -> Path:
+    runs = lab.CACHE_ROOT / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in runs.iterdir() if p.is_dir())
+    for p in old[: max(0, len(old) - RUNS_KEPT + 1)]:
+        shutil.rmtree(p, ignore_errors=True)
+    path = runs / time.strftime("%Y%m%d-%H%M%S")
+    path.mkdir()
+    return path
+
+
+def run(scenarios: List[str], kvm: bool = False, out: Optional[Path] = None,
+        bench_runtime: int = 10, pair_duration: int = 75) -> BootResult:
+    """Build (or reuse) the images, boot once, run ``scenarios``; results in the returned dir."""
+    unknown = [s for s in scenarios if s not in BUDGETS]
+    if unknown:
+        raise lab.StepError(f"unknown scenarios {unknown}; known: {sorted(BUDGETS)}")
+    t0 = time.monotonic()
+    images = build.ensure_images()
+    build_s = time.monotonic() - t0
+    run_dir = out or new_run_dir()
+    share = prepare(run_dir, images, scenarios, bench_runtime, pair_duration)
+    result = boot(images, share, kvm)
+    summary = json.loads((share / "results" / "run.json").read_text())
+    summary["images"] = str(images)
+    summary["image_stage_seconds"] = round(build_s, 1)
+    summary["build_manifest"] = json.loads((images / "manifest.json").read_text())
+    (share / "results" / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
+                        help=f"comma-separated, from {','.join(BUDGETS)} (default: all but pipeline)")
+    parser.add_argument("--no-bench", action="store_true", help="leave the benchmark out")
+    parser.add_argument("--kvm", action="store_true", help="use KVM (only where KVM can run a hypervisor)")
+    parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new one in the cache)")
+    parser.add_argument("--bench-runtime", type=int, default=10, help="seconds per benchmark job")
+    args = parser.parse_args()
+    scenarios = [s for s in args.scenarios.split(",") if s and not (args.no_bench and s == "bench")]
+    result = run(scenarios, kvm=args.kvm, out=args.out, bench_runtime=args.bench_runtime)
+    print(result.results)
+    for s in scenarios:
+        path = result.results / f"{s}.json"
+        status = json.loads(path.read_text())["status"] if path.exists() else "missing"
+        print(f"{s:16} {status}")
+
+
+if __name__ == "__main__":
+    main()

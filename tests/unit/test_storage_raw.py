@@ -1,0 +1,244 @@
+"""Raw backing stores (gblk.storage): exact vectored IO on a real temp file, hole
+punching, flush, read-only refusals and the errors a misconfigured disk gets.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from typing import List
+
+import pytest
+
+from gblk.errors import StorageError
+from gblk.storage import open_store
+from gblk.storage import raw as rawmod
+from gblk.storage.base import SUPPORTED_FORMATS
+from gblk.storage.raw import IOV_MAX, RawStore
+
+SIZE = 1 << 20
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    """n bytes that differ from their neighbours and from other seeds' (period 256)."""
+    period = bytes((i * 31 + seed * 7) & 0xFF for i in range(256))
+    return (period * (n // 256 + 1))[:n]
+
+
+@pytest.fixture
+def image(tmp_path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "disk.img"
+    path.write_bytes(pattern(SIZE))
+    return str(path)
+
+
+@pytest.fixture
+def store(image):  # type: ignore[no-untyped-def]
+    s = open_store("raw", image, readonly=False)
+    yield s
+    s.close()
+
+
+def views_of(sizes: List[int]) -> List[memoryview]:
+    return [memoryview(bytearray(n)) for n in sizes]
+
+
+def test_open_store_raw(store: RawStore, image: str) -> None:
+    """A raw file opens with its byte size and 512-byte logical sectors."""
+    assert isinstance(store, RawStore)
+    assert store.size() == SIZE
+    assert store.sector_size == 512 and not store.readonly
+
+
+@pytest.mark.parametrize("sizes", [[4096], [512, 1024, 2560], [512] * 11, [3584, 512, 4096]])
+def test_readv_exact(store: RawStore, sizes: List[int]) -> None:
+    """readv fills every view, in order, from the offset on: no byte more, no less."""
+    views = views_of(sizes)
+    store.readv(views, 8192)
+    assert b"".join(bytes(v) for v in views) == pattern(SIZE)[8192:8192 + sum(sizes)]
+
+
+def test_writev_exact(store: RawStore, image: str) -> None:
+    """writev writes the views back to back from the offset; the bytes around are
+    untouched."""
+    data = [pattern(512, 1), pattern(1024, 2), pattern(3584, 3)]
+    store.writev([memoryview(d) for d in data], 4096 + 512)
+    disk = open(image, "rb").read()
+    want = bytearray(pattern(SIZE))
+    want[4608:4608 + 5120] = b"".join(data)
+    assert disk == bytes(want)
+
+
+def test_more_views_than_iov_max(store: RawStore, image: str) -> None:
+    """A request with more views than IOV_MAX (a 4096-segment indirect request) is split
+    into several preadv/pwritev calls, still exact."""
+    n = IOV_MAX * 2 + 37
+    data = [i.to_bytes(4, "little") + pattern(508, i) for i in range(n)]  # each view unique
+    store.writev([memoryview(d) for d in data], 0)
+    out = views_of([512] * n)
+    store.readv(out, 0)
+    assert [bytes(v) for v in out] == data
+    assert open(image, "rb").read(n * 512) == b"".join(data)
+
+
+def test_empty_views_are_skipped(store: RawStore) -> None:
+    """Zero-length views move nothing and do not confuse the offset bookkeeping."""
+    views = [memoryview(bytearray(0)), memoryview(bytearray(512)), memoryview(bytearray(0)),
+             memoryview(bytearray(512))]
+    store.readv(views, 512)
+    assert bytes(views[1]) + bytes(views[3]) == pattern(SIZE)[512:1536]
+
+
+@pytest.mark.parametrize("step", [1, 100, 511, 513, 4095])
+def test_short_transfers_are_resumed(store: RawStore, image: str, monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
+    """preadv/pwritev may move fewer bytes than asked (signals, some filesystems, block
+    devices at their limits); the store resumes exactly where the kernel stopped,
+    including inside a view."""
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+    calls = []
+
+    def clip(bufs: List[memoryview]) -> List[memoryview]:
+        out, left = [], step
+        for b in bufs:
+            if left <= 0:
+                break
+            out.append(memoryview(b)[:left])
+            left -= len(out[-1])
+        return out
+
+    def short_preadv(fd: int, bufs: List[memoryview], off: int) -> int:
+        calls.append(off)
+        return real_preadv(fd, clip(bufs), off)
+
+    def short_pwritev(fd: int, bufs: List[memoryview], off: int) -> int:
+        calls.append(off)
+        return real_pwritev(fd, clip(bufs), off)
+
+    monkeypatch.setattr(rawmod.os, "preadv", short_preadv)
+    monkeypatch.setattr(rawmod.os, "pwritev", short_pwritev)
+    views = views_of([1024, 512, 2560])
+    store.readv(views, 4096)
+    assert b"".join(bytes(v) for v in views) == pattern(SIZE)[4096:4096 + 4096]
+    assert len(calls) == -(-4096 // step)
+    data = pattern(4096, 9)
+    store.writev([memoryview(data[:1000]), memoryview(data[1000:])], 8192)
+    monkeypatch.undo()
+    assert open(image, "rb").read()[8192:8192 + 4096] == data
+
+
+def test_read_past_the_end_is_an_io_error(store: RawStore) -> None:
+    """A read the file cannot satisfy raises OSError (answered ERROR), never returns
+    half-filled buffers as success."""
+    views = views_of([4096])
+    with pytest.raises(OSError) as ei:
+        store.readv(views, SIZE - 512)
+    assert ei.value.errno == errno.EIO
+
+
+def test_discard_punches_a_hole(store: RawStore, image: str) -> None:
+    """Discard on a file punches a hole: the range reads back zeros, the file's
+    allocated blocks drop, its size stays, and the bytes around are intact."""
+    with open(image, "r+b") as f:
+        os.fsync(f.fileno())
+    before = os.stat(image).st_blocks
+    store.discard(65536, 256 * 1024)
+    st = os.stat(image)
+    assert st.st_size == SIZE
+    assert st.st_blocks < before
+    out = views_of([256 * 1024 + 1024])
+    store.readv(out, 65536 - 512)
+    got = bytes(out[0])
+    assert got[:512] == pattern(SIZE)[65536 - 512:65536]
+    assert got[512:512 + 256 * 1024] == bytes(256 * 1024)
+    assert got[-512:] == pattern(SIZE)[65536 + 256 * 1024:65536 + 256 * 1024 + 512]
+
+
+def test_secure_discard_on_a_file_and_empty_discard(store: RawStore) -> None:
+    """Secure discard of a file is the same hole punch; a zero-length discard is a no-op."""
+    store.discard(0, 4096, secure=True)
+    store.discard(4096, 0)
+    out = views_of([8192])
+    store.readv(out, 0)
+    assert bytes(out[0]) == bytes(4096) + pattern(SIZE)[4096:8192]
+
+
+def test_flush(store: RawStore) -> None:
+    """flush (fdatasync) succeeds on a written file."""
+    store.writev([memoryview(b"x" * 512)], 0)
+    store.flush()
+
+
+def test_read_only_open_refuses_writes(image: str) -> None:
+    """XSA-142 at the bottom layer: a store opened read-only cannot write or punch
+    holes, whatever the layers above let through, and the file is unchanged."""
+    s = open_store("raw", image, readonly=True)
+    try:
+        assert s.readonly
+        with pytest.raises(OSError):
+            s.writev([memoryview(b"\xff" * 512)], 0)
+        with pytest.raises(OSError):
+            s.discard(0, 4096)
+        views = views_of([512])
+        s.readv(views, 0)
+        assert bytes(views[0]) == pattern(512)
+    finally:
+        s.close()
+    assert open(image, "rb").read() == pattern(SIZE)
+
+
+def test_size_follows_growth(store: RawStore, image: str) -> None:
+    """size() re-reads the file: an online resize is noticed."""
+    with open(image, "r+b") as f:
+        f.truncate(SIZE * 2)
+    assert store.size() == SIZE * 2
+
+
+def test_direct_io(image: str) -> None:
+    """O_DIRECT (direct-io-safe) opens on a filesystem that supports it and moves
+    page-aligned buffers exactly."""
+    try:
+        s = open_store("raw", image, readonly=False, direct=True)
+    except StorageError as e:  # tmpfs refuses O_DIRECT: the message says so
+        assert "O_DIRECT" in str(e)
+        return
+    try:
+        buf = mmap.mmap(-1, 8192)
+        s.readv([memoryview(buf)], 4096)
+        assert bytes(buf) == pattern(SIZE)[4096:4096 + 8192]
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd", "vmdk", "aio", ""])
+def test_unsupported_format_error(image: str, fmt: str) -> None:
+    """A format gblk cannot serve is a StorageError naming the format, the path and
+    what is served, so the operator sees why the disk did not connect."""
+    with pytest.raises(StorageError) as ei:
+        open_store(fmt, image, readonly=False)
+    msg = str(ei.value)
+    assert repr(fmt) in msg and image in msg
+    assert all(f in msg for f in SUPPORTED_FORMATS)
+
+
+def test_missing_file_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A missing image is a StorageError naming the path and the reason."""
+    path = str(tmp_path / "nope.img")
+    with pytest.raises(StorageError) as ei:
+        open_store("raw", path, readonly=False)
+    assert path in str(ei.value) and "No such file" in str(ei.value)
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_directory_is_refused(tmp_path, readonly: bool) -> None:  # type: ignore[no-untyped-def]
+    """A directory is neither a file nor a block device: a StorageError that says so
+    (not a crash later on the first IO)."""
+    with pytest.raises(StorageError, match="neither a regular file nor a block device|cannot open"):
+        open_store("raw", str(tmp_path), readonly=readonly)
+
+
+def test_close_is_idempotent(image: str) -> None:
+    """close() twice is harmless (stop() paths may overlap)."""
+    s = open_store("raw", image, readonly=True)
+    s.close()
+    s.close()
