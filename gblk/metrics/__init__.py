@@ -17,7 +17,7 @@ Metric names, labels and the monitoring kit are described in monitoring/README.m
 
 from __future__ import annotations
 
-from gblk.metrics.collector import XENBUS_STATES, GblkCollector, make_registry
+from gblk.metrics.collector import XENBUS_STATES, GblkCollector, GblkRegistry, make_registry
 from gblk.metrics.exporter import (
     DEFAULT_METRICS_ADDRESS,
     MetricsServer,
@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_STUCK_AFTER",
     "XENBUS_STATES",
     "GblkCollector",
+    "GblkRegistry",
     "MetricsServer",
     "format_address",
     "make_registry",

@@ -41,7 +41,7 @@ log = logging.getLogger("gblk.metrics")
 
 #: where ``--metrics-address`` listens unless told otherwise: loopback only, so
 #: the endpoint is not exposed to the network by accident
-DEFAULT_METRICS_ADDRESS = "127.0.0.1:9780"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9741"
 
 HealthCheck = Callable[[], Tuple[bool, str]]
 _StartResponse = Callable[..., Any]
@@ -54,7 +54,7 @@ def parse_address(address: str) -> Tuple[str, int]:
 
     Raises ConfigError naming ``metrics-address`` and the accepted forms.
     """
-    hint = "expected HOST:PORT or [IPV6]:PORT (e.g. 127.0.0.1:9780, [::1]:9780)"
+    hint = "expected HOST:PORT or [IPV6]:PORT (e.g. 127.0.0.1:9741, [::1]:9741)"
     if not isinstance(address, str) or not address.strip():
         raise ConfigError(f"metrics-address {address!r}: {hint}")
     address = address.strip()

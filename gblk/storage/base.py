@@ -52,6 +52,7 @@ def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Sto
         raise StorageError(
             f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
         )
-    from .raw import RawStore
-
     return RawStore(path, readonly=readonly, direct=direct)
+
+
+from .raw import RawStore  # noqa: E402  (raw imports this module)

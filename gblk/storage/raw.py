@@ -7,7 +7,6 @@ Runs in the threadpool: blocking syscalls only.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -29,7 +28,8 @@ BLKDISCARD = 0x1277
 BLKSECDISCARD = 0x127D
 BLKDISCARDZEROES = 0x127C
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the process's own symbols include libc (no find_library: it forks ldconfig)
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gblk.engine.stats import DaemonStats, DeviceStats, RingStats
 from gblk.errors import ConfigError
-from gblk.metrics import MetricsServer, make_registry
+from gblk.metrics import GblkCollector, GblkRegistry, MetricsServer, make_registry
 
 Response = Tuple[int, Dict[str, str], bytes]
 
@@ -135,6 +135,71 @@ def test_metrics_gzip_when_accepted(served: Tuple[MetricsServer, DaemonStats, _H
     status, headers, body = _fetch(server.url + "/metrics", headers={"Accept-Encoding": "gzip"})
     assert status == 200 and headers.get("content-encoding") == "gzip"
     assert b"gblk_build_info" in gzip.decompress(body)
+
+
+def test_metrics_head_name_filter_and_methods(served: Tuple[MetricsServer, DaemonStats, _Health]) -> None:
+    """HEAD answers without a body, ``name[]`` restricts the families (as
+    prometheus_client's own server does), other methods get 405."""
+    server, _, _ = served
+    status, headers, body = _fetch(server.url + "/metrics", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+    _, _, body = _fetch(server.url + "/metrics?name[]=gblk_ring_slots&name[]=gblk_build_info")
+    families = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert families == {"gblk_ring_slots", "gblk_build_info"}
+    assert _fetch(server.url + "/metrics", method="POST")[0] == 405
+
+
+class _WatchedDict(dict):  # type: ignore[type-arg]
+    """Records which OS thread reads the device map."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.threads: set = set()
+
+    def _note(self) -> None:
+        from gevent.monkey import get_original
+
+        self.threads.add(get_original("threading", "get_ident")())
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self._note()
+        return super().items()
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self._note()
+        return super().values()
+
+
+def test_scrape_reads_live_stats_only_on_the_hub() -> None:
+    """A scrape snapshots the stats on the hub and collects and encodes the copy in the
+    exporter's worker thread: the engine's dicts are never read from another thread,
+    and the big part of a scrape (encoding) does not run on the hub."""
+    from gevent.monkey import get_original
+
+    stats = _stats()
+    watched = _WatchedDict(stats.devices)
+    stats.devices = watched
+    registry = GblkRegistry()
+    collector = GblkCollector(stats)
+    registry.register(collector)
+    encoded_in: set = set()
+    original_collect = collector.collect
+
+    def spy():  # type: ignore[no-untyped-def]
+        encoded_in.add(get_original("threading", "get_ident")())
+        return original_collect()
+
+    collector.collect = spy  # type: ignore[method-assign]
+    server = MetricsServer("127.0.0.1:0", registry, lambda: (True, "ok"))
+    server.start()
+    try:
+        status, _, body = _fetch(server.url + "/metrics")
+    finally:
+        server.stop()
+    hub_thread = get_original("threading", "get_ident")()
+    assert status == 200 and b'domain="6"' in body
+    assert watched.threads == {hub_thread}
+    assert encoded_in and hub_thread not in encoded_in
 
 
 def test_healthz_ok_and_unhealthy_with_reason(served: Tuple[MetricsServer, DaemonStats, _Health]) -> None:

@@ -36,6 +36,9 @@ from gblk.metrics import MetricsServer, make_registry, stats_health
 
 KIT = Path(__file__).resolve().parents[2] / "monitoring"
 
+#: about 12 s: Prometheus applies new scrape targets on a 5 s tick, then a few scrapes
+pytestmark = pytest.mark.slow
+
 #: synthetic workload: reads per second on d5/vbd/51712, 4 KiB each
 READ_RATE = 200.0
 READ_SIZE = 4096

@@ -323,3 +323,43 @@ def test_openmetrics_exposition_is_well_formed() -> None:
     assert "# TYPE gblk_requests counter" in text
     assert 'gblk_requests_total{device="51712",domain="5",kind="vbd",op="read"} 0.0' in text
     assert "# UNIT gblk_request_duration_seconds seconds" in text
+
+
+def test_a_pinned_snapshot_is_what_collect_reads() -> None:
+    """prepare_scrape() copies the stats; inside the pin, collect() sees the copy even if
+    the engine keeps counting, outside it sees the live stats again. This is what lets
+    the exporter encode in a worker thread without touching the engine's dicts there."""
+    stats = DaemonStats()
+    dev = _add(stats, _device())
+    dev.rings[0].requests["read"] = 1
+    dev.rings[0].latency["read"].observe(0.001)
+    reg = make_registry(stats, process=False)
+    pin = reg.prepare_scrape()
+    dev.rings[0].requests["read"] = 2
+    dev.rings[0].latency["read"].observe(0.001)
+    _add(stats, _device(domain=9))
+    with pin:
+        assert _value(reg, "gblk_requests_total", _labels(dev, op="read")) == 1
+        assert _value(reg, "gblk_request_duration_seconds_count", _labels(dev, op="read")) == 1
+        assert _value(reg, "gblk_device_state", {"domain": "9", "device": "51712", "kind": "vbd"}) is None
+    assert _value(reg, "gblk_requests_total", _labels(dev, op="read")) == 2
+    assert _value(reg, "gblk_request_duration_seconds_count", _labels(dev, op="read")) == 2
+
+
+def test_snapshot_shares_no_mutable_state_with_the_stats() -> None:
+    """Every dict, list and histogram in a snapshot is a copy."""
+    from gblk.metrics.collector import snapshot_stats
+
+    stats = DaemonStats()
+    dev = _add(stats, _device())
+    dev.rings[0].latency["read"].observe(0.5)
+    snap = snapshot_stats(stats)
+    sdev = snap.devices[(5, "vbd", 51712)]
+    assert snap.devices is not stats.devices and sdev is not dev
+    assert sdev.errors is not dev.errors and sdev.rings is not dev.rings
+    ring, sring = dev.rings[0], sdev.rings[0]
+    for name in ("requests", "bytes", "errors", "latency", "batches"):
+        assert getattr(sring, name) is not getattr(ring, name), name
+    assert sring.latency["read"] is not ring.latency["read"]
+    assert sring.latency["read"].counts is not ring.latency["read"].counts
+    assert _snapshot(snap) == _snapshot(stats)

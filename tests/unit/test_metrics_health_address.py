@@ -20,12 +20,12 @@ from gblk.metrics.health import DEFAULT_STUCK_AFTER
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("127.0.0.1:9780", ("127.0.0.1", 9780)),
+        ("127.0.0.1:9741", ("127.0.0.1", 9741)),
         ("0.0.0.0:0", ("0.0.0.0", 0)),
         ("localhost:65535", ("localhost", 65535)),
-        ("[::1]:9780", ("::1", 9780)),
+        ("[::1]:9741", ("::1", 9741)),
         ("[::]:1", ("::", 1)),
-        ("[fe80::1%eth0]:9780", ("fe80::1%eth0", 9780)),
+        ("[fe80::1%eth0]:9741", ("fe80::1%eth0", 9741)),
     ],
 )
 def test_parse_address_accepts_host_port_and_bracketed_ipv6(text: str, expected: tuple) -> None:
@@ -36,8 +36,8 @@ def test_parse_address_accepts_host_port_and_bracketed_ipv6(text: str, expected:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "9780", ":9780", "127.0.0.1", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:65536",
-     "::1:9780", "[::1]9780", "[::1", "[127.0.0.1]:9780", "127.0.0.1:-1", "a b:1"],
+    ["", "9741", ":9741", "127.0.0.1", "127.0.0.1:", "127.0.0.1:http", "127.0.0.1:65536",
+     "::1:9741", "[::1]9741", "[::1", "[127.0.0.1]:9741", "127.0.0.1:-1", "a b:1"],
 )
 def test_parse_address_rejects_bad_addresses_with_config_error(text: str) -> None:
     """A bad address is a ConfigError naming the option, raised before anything binds."""
