@@ -101,8 +101,15 @@ class Bus:
         if not exists:
             self._finished.discard(key)
             return
-        if key in self.devices or key in self._finished:
+        if key in self.devices:
             return
+        if key in self._finished:
+            # a finished device whose directory is still there stays finished,
+            # unless the toolstack has created the directory anew (state Initialising)
+            state = self.ctx.xs.read(f"{self._base[kind]}/{domid}/{devid}/state")
+            if (state or "").strip() != "1":
+                return
+            self._finished.discard(key)
         dev = Device(self.ctx, kind, domid, devid, self._removed)
         self.devices[key] = dev
         log.info("d%d/%d: new %s device", domid, devid, kind)
@@ -111,4 +118,5 @@ class Bus:
     def _removed(self, dev: Device) -> None:
         if self.devices.get(dev.key) is dev:
             del self.devices[dev.key]
-            self._finished.add(dev.key)
+            if self.ctx.xs.directory(dev.path):
+                self._finished.add(dev.key)

@@ -355,7 +355,9 @@ class RingWorker:
                 f"sector={req.sector_number}: {detail or reason}"
             )
         assert self.ring is not None
-        self.ring.put_response(self.ctx.abi.pack_response(req.id, req.operation, status))
+        # an INDIRECT request is answered with its indirect_op (as blkback does and
+        # Linux's blkfront checks)
+        self.ring.put_response(self.ctx.abi.pack_response(req.id, effective_op(req), status))
 
     # -- persistent grants -----------------------------------------------------------
     def _unmap(self, mappings: List[GrantMapping], wait: bool) -> None:

@@ -37,6 +37,11 @@ REASONS = (
     "ring_halted",  # bogus producer index: ring stopped
 )
 
+#: device-level error reasons (DeviceStats.errors)
+DEVICE_REASONS = (
+    "device_failed",  # storage could not be opened, negotiation failed, a ring failed
+)
+
 
 class Histogram:
     """Cumulative-on-read histogram: ``counts[i]`` counts observations <= buckets[i]
@@ -100,7 +105,6 @@ class DeviceStats:
     device: int
     kind: str
     state: int = 1
-    connected_since: float = 0.0
     reconnects: int = 0
     sectors: int = 0
     persistent_grants: int = 0
@@ -121,4 +125,5 @@ class DaemonStats:
     xenstore_connections: int = 0
     xenstore_connected: bool = False
     watch_events: int = 0
+    #: wall-clock time (time.time()) the daemon started
     started: float = 0.0

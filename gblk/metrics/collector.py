@@ -148,7 +148,7 @@ class _Families:
             "gblk_errors", "Failures by reason: requests answered with an error, and device-level failures.",
             labels=d + ["reason"])
         self.grant_maps = CounterMetricFamily(
-            "gblk_grant_maps", "Grant references mapped (persistent-grant cache misses included).", labels=d)
+            "gblk_grant_maps", "Grant references mapped into gblk (persistent or per request).", labels=d)
         self.grant_unmaps = CounterMetricFamily("gblk_grant_unmaps", "Grant references unmapped.", labels=d)
         self.grant_copy = CounterMetricFamily(
             "gblk_grant_copy_segments", "Segments moved with grant copy.", labels=d)

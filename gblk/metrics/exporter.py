@@ -119,6 +119,7 @@ class MetricsServer:
         if self._server is not None:
             return
         listener = self._listen()
+        pool = gevent.threadpool.ThreadPool(1)  # the scrapes' encoding, off the hub
         try:
             server = WSGIServer(
                 listener,
@@ -130,11 +131,12 @@ class MetricsServer:
             server.start()
         except BaseException:
             listener.close()
+            pool.kill()
             raise
         sockname = listener.getsockname()
         self._bound = (str(sockname[0]), int(sockname[1]))
         self._server = server
-        self._pool = gevent.threadpool.ThreadPool(1)
+        self._pool = pool
         log.info("metrics: serving on http://%s/metrics", format_address(*self._bound))
 
     def stop(self) -> None:

@@ -68,7 +68,7 @@ from ..blkif.const import (
     Status,
     XenbusState,
 )
-from ..errors import GblkError
+from ..errors import GblkError, XenStoreError
 from ..xen.interfaces import XenStore, XenStoreOps
 from .front_ring import FrontQueue, GuestEventChannel, Part
 from .front_verify import Mismatch, Verifier
@@ -385,7 +385,15 @@ class Frontend:
         return self.xs.read(f"{self.path}/{key}")
 
     def _be_read(self, key: str) -> Optional[str]:
-        return self.xs.read(f"{self.backend_path}/{key}")
+        """A backend node; None when it is missing. A node of a backend directory
+        that was removed reads as EACCES from a guest (its parent is dom0's and not
+        readable): that is "missing" too, as xenbus_read_driver_state treats it."""
+        try:
+            return self.xs.read(f"{self.backend_path}/{key}")
+        except XenStoreError as e:
+            if e.errno_name in ("EACCES", "ENOENT"):
+                return None
+            raise
 
     def _be_uint(self, key: str, default: int = 0) -> int:
         value = self._be_read(key)

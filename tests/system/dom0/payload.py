@@ -264,7 +264,7 @@ class Guest:
 
     def create(self, res):
         t = time.monotonic()
-        sh(["xl", "-v", "create", self.cfg_path], timeout=CONF["timeouts"]["create"])
+        sh(["xl", "create", self.cfg_path], timeout=CONF["timeouts"]["create"])
         self.domid = domid_of(self.name)
         res.timings["create " + self.name] = round(time.monotonic() - t, 1)
         res.consoles.append(os.path.relpath(self.console.path, RESULTS))
