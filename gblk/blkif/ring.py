@@ -78,10 +78,13 @@ class BackRing(_Ring):
         """RING_HAS_UNCONSUMED_REQUESTS, bounded by what may be outstanding. Raises
         RingError when the producer index is impossible (a broken or hostile frontend)."""
         req_prod = self.idx[REQ_PROD]
-        if (req_prod - self.rsp_prod_pvt) & U32_MASK > self.slots:
+        ahead = (req_prod - self.rsp_prod_pvt) & U32_MASK
+        if ahead > self.slots:
             raise RingError(
                 f"req_prod {req_prod} is more than {self.slots} ahead of rsp_prod {self.rsp_prod_pvt}"
             )
+        if ahead < self.outstanding():
+            raise RingError(f"req_prod {req_prod} moved back behind req_cons {self.req_cons}")
         return (req_prod - self.req_cons) & U32_MASK
 
     def take_requests(self, limit: int) -> List[bytes]:

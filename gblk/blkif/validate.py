@@ -14,6 +14,7 @@ from .abi import Request, Segment
 from .const import (
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    MAX_INDIRECT_SEGMENTS,
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
     SEGS_PER_INDIRECT_FRAME,
@@ -77,7 +78,7 @@ def check_header(req: Request, lim: DiskLimits) -> None:
             raise InvalidRequest(UNSUPPORTED, "indirect not offered")
         if req.indirect_op not in (Op.READ, Op.WRITE):
             raise InvalidRequest("invalid_indirect", f"indirect_op {req.indirect_op}")
-        if not 1 <= n <= lim.max_indirect_segments:
+        if not 1 <= n <= min(lim.max_indirect_segments, MAX_INDIRECT_SEGMENTS):
             raise InvalidRequest("invalid_segment_count", f"{n} indirect segments")
         if req.indirect_op == Op.WRITE and lim.readonly:
             raise InvalidRequest("read_only", "write to a read-only disk")

@@ -83,7 +83,7 @@ def parse_uint(value: Optional[str], what: str, limit: int = 0xFFFFFFFF) -> int:
     if value is None:
         raise NegotiationError(f"{what} missing")
     v = value.strip()
-    if not v.isdigit():
+    if not (v.isascii() and v.isdigit()):  # str.isdigit() also accepts '²', int() does not
         raise NegotiationError(f"{what} is not a number: {value!r}")
     n = int(v)
     if n > limit:

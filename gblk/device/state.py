@@ -42,10 +42,13 @@ def decide(
     if backend == S.INITIALISING:
         return Action.INIT_WAIT if online else Action.CLOSE
     if not online and frontend == S.INITIALISING:
-        return Action.CLOSE  # unplug of an inactive frontend: straight to Closed
+        # unplug of an inactive frontend: straight to Closed, then remove
+        return Action.CLOSE if attached or backend != S.CLOSED else Action.REMOVE
     if frontend == S.INITIALISING:
-        if attached or (backend == S.CLOSED and online):
-            return Action.RECONNECT  # guest reboot, driver reload, kexec
+        # guest reboot, driver reload, kexec; also a guest that reset while no gblk
+        # ran (backend still Connected in XenStore, nothing attached here)
+        if attached or backend in (S.CLOSED, S.CONNECTED, S.CLOSING):
+            return Action.RECONNECT
         return Action.NONE
     if frontend in (S.INITIALISED, S.CONNECTED):
         if attached:

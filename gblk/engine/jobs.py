@@ -73,9 +73,15 @@ def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int) -> Ou
             view = memoryview(buf)
             segs = [CopySegment(ctx.domid, r, 0, PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], True)
                     for i, r in enumerate(refs)]
-            statuses = ctx.gnttab.grant_copy(segs)
+            try:
+                statuses = ctx.gnttab.grant_copy(segs)
+            except GrantError as e:
+                return out.fail("grant_copy", str(e))
+            finally:
+                for c in segs:
+                    c.local.release()
+                view.release()
             out.copies += len(segs)
-            view.release()
             bad = [s for s in statuses if s != 0]
             if bad:
                 return out.fail("grant_copy", f"indirect page copy status {bad[0]}")
@@ -111,14 +117,15 @@ def run_request(
     """
     out = Outcome()
     store = ctx.store
+    if segments:
+        try:
+            check_segments(sector, segments, ctx.limits)
+        except InvalidRequest as e:
+            return out.fail(e.reason, str(e))
     try:
         if presync:
             store.flush()
         if segments:
-            try:
-                check_segments(sector, segments, ctx.limits)
-            except InvalidRequest as e:
-                return out.fail(e.reason, str(e))
             offset = sector << SECTOR_SHIFT
             if ctx.mode == MODE_COPY:
                 _copy_io(ctx, op, segments, offset, out)
@@ -188,15 +195,18 @@ def _mapped_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: in
     finally:
         # unmap before the response is published: the frontend reclaims the page
         # as soon as it sees the response
-        for m in mappings:
-            m.unmap()
-            out.unmaps += len(m.pages) if m.pages else 1
+        release = list(mappings)
         if out.status != Status.OKAY and out.new_grants:
             # a failed request caches nothing: the grants may be bogus
-            for m in out.new_grants.values():
-                m.unmap()
-                out.unmaps += 1
+            release.extend(out.new_grants.values())
             out.new_grants = {}
+        for m in release:
+            n = len(m.pages)
+            try:
+                m.unmap()
+                out.unmaps += n
+            except GrantError as e:  # counted, reported; never raised out of a job
+                out.fail("grant_map", f"unmap failed: {e}")
 
 
 def _nbytes(segments: Sequence[Segment]) -> int:

@@ -16,7 +16,7 @@ Runs on the hub. Must not import the engine, device, daemon or cli layers.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import gevent
 import gevent.event
@@ -27,11 +27,6 @@ from ..blkif.const import PAGE_SIZE, Status
 from ..blkif.ring import REQ_PROD, FrontRing, ring_bytes
 from ..errors import RingError
 from .memory import GuestMemory
-
-try:  # Protocol is typing-only here (Python 3.8+ has it)
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore
 
 #: statuses a response may carry
 KNOWN_STATUSES = frozenset(int(s) for s in Status)

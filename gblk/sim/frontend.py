@@ -443,6 +443,11 @@ class Frontend:
             bits.append(f"error={err!r}")
         return ("; backend says " + ", ".join(bits)) if bits else ""
 
+    def _refused(self, state: Optional[int]) -> bool:
+        """The backend gave up on the device (Closed with hotplug-status=error): Linux
+        would wait forever, a test wants the reason now."""
+        return state == XenbusState.CLOSED and self._be_read(xb.HOTPLUG_STATUS) == "error"
+
     def wait_backend(self, accept: Callable[[Optional[int]], bool], timeout: float,
                      what: str) -> Optional[int]:
         """Wait until ``accept(backend state)``; FrontendTimeout otherwise."""
@@ -476,8 +481,11 @@ class Frontend:
             if self.state != XenbusState.INITIALISING or self._read(xb.STATE) != "1":
                 self._set_state(XenbusState.INITIALISING)
             if self.options.wait_initwait:
-                self.wait_backend(lambda s: s == XenbusState.INIT_WAIT, timeout,
-                                  "waiting for InitWait")
+                st = self.wait_backend(lambda s: s == XenbusState.INIT_WAIT or self._refused(s),
+                                       timeout, "waiting for InitWait")
+                if st != XenbusState.INIT_WAIT:
+                    raise FrontendError(f"d{self.domid}/{self.devid}: the backend refused the "
+                                        f"device (state {st}){self._backend_error()}")
             self._read_offer()
             self._setup_rings()
             try:
@@ -866,7 +874,7 @@ class Frontend:
         frame = self._new_frame()
         return frame, self.memory.grant(frame, self.backend_id, readonly=readonly), False
 
-    def _give_page(self, frame: int, gref: int, persistent: bool) -> None:
+    def _give_page(self, frame: int, gref: int, persistent: bool, answered: bool = True) -> None:
         if self._memory_gone:
             return
         if persistent:
@@ -880,7 +888,8 @@ class Frontend:
             self._free_frames.append(frame)
         else:
             # the backend must unmap before it answers: the page is not ours yet
-            self.stats.grants_busy_after_response += 1
+            if answered:
+                self.stats.grants_busy_after_response += 1
             self._quarantine.append((gref, frame))
 
     # =====================================================================
@@ -1116,7 +1125,7 @@ class Frontend:
                 part.token = self.verifier.begin(sector, nsectors, write=not is_read)
             q.put(raw, part)
         except BaseException:
-            self._release_part(part)
+            self._release_part(part, False)
             if part.token is not None and self.verifier is not None:
                 self.verifier.abandon(part.token)
             raise
@@ -1136,7 +1145,7 @@ class Frontend:
                 part.result.set(RawResponse(part.id, part.op, status))
             elif part.result is not None:
                 part.result.set(None)
-            self._release_part(part)
+            self._release_part(part, not lost)
             return
         op: _UserOp = part.parent
         ok = status == Status.OKAY and not lost
@@ -1185,19 +1194,19 @@ class Frontend:
                 v.end_write(part.token, ok, data)
             if ok and part.kind != "discard":
                 self.stats.bytes_written += nbytes
-        self._release_part(part)
+        self._release_part(part, not lost)
         op.statuses.append(int(status))
         if lost:
             op.lost = True
         op.parts_left -= 1
         self._maybe_finish(op)
 
-    def _release_part(self, part: Part) -> None:
+    def _release_part(self, part: Part, answered: bool = True) -> None:
         n = len(part.pages) + len(part.indirect)
         for frame, gref, _, _ in part.pages:
-            self._give_page(frame, gref, part.persistent)
+            self._give_page(frame, gref, part.persistent, answered)
         for frame, gref in part.indirect:
-            self._give_page(frame, gref, part.persistent)
+            self._give_page(frame, gref, part.persistent, answered)
         part.pages = []
         part.indirect = []
         if n:

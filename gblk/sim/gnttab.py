@@ -16,6 +16,7 @@ never logs. Must not import the engine or anything above ``gblk.sim``.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from collections import defaultdict
@@ -46,6 +47,15 @@ from gblk.xen.interfaces import (
     GrantMapping,
     GrantTable,
 )
+
+# libc's mmap, to place guest pages at fixed addresses inside a reserved range
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_mmap = _libc.mmap
+_libc_mmap.restype = ctypes.c_void_p
+_libc_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 #: Xen 4.17 answers both "this entry is not granted to you" and "writable map of a
 #: read-only grant" with GNTST_general_error (_set_status_v1 in
@@ -108,6 +118,18 @@ class SimGrantMapping(GrantMapping):
         self.unmapped = False
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         pages: List[memoryview] = []
+        runs = 1 + sum(1 for a, b in zip(frames, frames[1:]) if b != a + 1)
+        if runs > 1 and writable:
+            # libxengnttab maps all refs into one contiguous range (multi-page rings
+            # rely on it): reserve the range, then place each page over it
+            try:
+                self._map_contiguous(files.mem_fd, frames)
+            except BaseException:
+                self.pages = []
+                self._release_views()
+                self._close_maps()
+                raise
+            return
         try:
             i = 0
             while i < len(frames):
@@ -130,6 +152,28 @@ class SimGrantMapping(GrantMapping):
             self._close_maps()
             raise
         self.pages = pages
+        if len(self._views) == 1:
+            self.contiguous = self._views[0]
+
+    def _map_contiguous(self, fd: int, frames: List[int]) -> None:
+        n = len(frames)
+        region = mmap.mmap(-1, n * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+        self._maps.append(region)
+        anchor = ctypes.c_char.from_buffer(region)
+        base_addr = ctypes.addressof(anchor)
+        del anchor  # no export may outlive this function: region.close() needs none
+        for k, frame in enumerate(frames):
+            got = _libc_mmap(base_addr + k * PAGE_SIZE, PAGE_SIZE,
+                             mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
+                             fd, frame * PAGE_SIZE)
+            if got in (None, _MAP_FAILED):
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        whole = memoryview(region)
+        self._views.append(whole)
+        self.contiguous = whole
+        self.pages = [whole[k * PAGE_SIZE:(k + 1) * PAGE_SIZE] for k in range(n)]
 
     def unmap(self) -> None:
         with self._table._lock:

@@ -172,6 +172,11 @@ class SimHost:
         return os.path.join(self.dir, XENSTORED_SOCKET)
 
     @property
+    def running(self) -> bool:
+        """Started (xenstored up, toolstack ready) and not stopped."""
+        return self._toolstack is not None and not self._stopped
+
+    @property
     def toolstack(self) -> Toolstack:
         if self._toolstack is None:
             raise RuntimeError("SimHost not started")

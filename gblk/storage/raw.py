@@ -12,7 +12,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 from ..errors import StorageError
 from .base import Store
@@ -52,21 +52,43 @@ def _transfer(
     """Run preadv/pwritev until every byte moved (short transfers resume where they
     stopped; at most IOV_MAX vectors per call)."""
     pending = [v for v in views if len(v)]
-    while pending:
-        chunk = pending[:IOV_MAX]
-        n = op(fd, chunk, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "short transfer: the backing store ended early")
-        offset += n
-        # drop whole views done, keep the tail of a partial one
-        i = 0
-        while i < len(pending) and n >= len(pending[i]):
-            n -= len(pending[i])
-            i += 1
-        rest = pending[i:]
-        if n and rest:
-            rest[0] = rest[0][n:]
-        pending = rest
+    # the tails sliced here are released before returning, also on error: a slice of a
+    # guest page kept alive by the exception's traceback would make its unmap fail
+    tails: List[memoryview] = []
+    try:
+        while pending:
+            chunk = pending[:IOV_MAX]
+            n = op(fd, chunk, offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "short transfer: the backing store ended early")
+            offset += n
+            # drop whole views done, keep the tail of a partial one
+            i = 0
+            while i < len(pending) and n >= len(pending[i]):
+                n -= len(pending[i])
+                i += 1
+            rest = pending[i:]
+            if n and rest:
+                rest[0] = rest[0][n:]
+                tails.append(rest[0])
+            pending = rest
+    finally:
+        for t in tails:
+            t.release()
+
+
+def _queue_limits(rdev: int) -> Dict[str, int]:
+    """Numbers from /sys/dev/block/MAJ:MIN/queue (a partition: its parent's)."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    out: Dict[str, int] = {}
+    for qdir in (f"{base}/queue", f"{base}/../queue"):
+        for name in ("discard_max_bytes", "discard_granularity", "max_secure_erase_sectors"):
+            try:
+                with open(f"{qdir}/{name}") as f:
+                    out.setdefault(name, int(f.read().strip() or 0))
+            except (OSError, ValueError):
+                pass
+    return out
 
 
 class RawStore(Store):
@@ -92,8 +114,12 @@ class RawStore(Store):
         if self.is_block:
             self.sector_size = _ioctl_int(self.fd, BLKSSZGET)
             self.physical_sector_size = _ioctl_int(self.fd, BLKPBSZGET)
-            self.discard_granularity = max(self.physical_sector_size, 4096)
-            self.supports_secure_discard = True
+            # what the device's queue says it can do (never guess: a guest told
+            # discard-secure=1 would get ERROR for every secure discard)
+            q = _queue_limits(st.st_rdev)
+            self.supports_discard = q.get("discard_max_bytes", 0) > 0
+            self.discard_granularity = max(q.get("discard_granularity", 0), self.sector_size)
+            self.supports_secure_discard = q.get("max_secure_erase_sectors", 0) > 0
         else:
             self.discard_granularity = max(st.st_blksize, 512)
 

@@ -3,11 +3,12 @@ daemons (one per grant path family), metrics scraping, and a verified exercise."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 import urllib.request
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 from gblk.sim.frontend import Frontend
 from gblk.sim.host import BackendProcess, SimHost, child_env
@@ -22,6 +23,19 @@ def start_daemon(host: SimHost, name: str, toml: str, extra=()) -> BackendProces
         f.write(toml)
     argv = host.backend_argv(["--config", cfg, "--metrics-address", "127.0.0.1:0", *extra])
     return BackendProcess(argv, os.path.join(host.dir, f"{name}.log"), child_env())
+
+
+@contextlib.contextmanager
+def logs_on_failure(*procs: BackendProcess) -> Iterator[None]:
+    """Re-raise a failure with the tail of each daemon's log attached."""
+    try:
+        yield
+    except BaseException as e:
+        for p in procs:  # the whole logs, for the post-mortem
+            with open(os.path.join("/tmp", "gblk-failed-" + os.path.basename(p.log_path)), "w") as f:
+                f.write(p.log_text())
+        tails = "\n".join(f"--- {p.log_path}\n{p.log_text()[-4000:]}" for p in procs)
+        raise AssertionError(f"{e!r}\n{tails}") from e
 
 
 def metrics_url(proc: BackendProcess, timeout: float = 20.0) -> str:

@@ -12,7 +12,14 @@ import pytest
 from gblk.sim.frontend import FrontendOptions
 from gblk.sim.host import SimHost
 
-from .backend_support import exercise, metric, metrics_url, scrape, start_daemon
+from .backend_support import (
+    exercise,
+    logs_on_failure,
+    metric,
+    metrics_url,
+    scrape,
+    start_daemon,
+)
 
 ABIS = ["x86_64-abi", "x86_32-abi", None]
 ORDERS = [0, 4]
@@ -47,6 +54,11 @@ def test_every_operation(host, abi, order, path, queues):
     opts = FrontendOptions(protocol=abi, max_ring_page_order=order, max_queues=queues,
                            persistent=path == "persistent", initial_zero=True)
     kind = "vbd3" if path == "copy" else "qdisk"
+    with logs_on_failure(*host.daemons.values()):
+        _run(host, opts, kind, path, queues)
+
+
+def _run(host, opts, kind, path, queues):
     g = host.create_guest(size=32 << 20, kind=kind, options=opts)
     fe = g.frontend
     assert fe.disk.persistent == (path == "persistent")

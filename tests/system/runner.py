@@ -104,12 +104,17 @@ def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: in
     src = Path(os.environ.get("GBLK_SYSTEM_SRC", str(lab.REPO))) / "gblk"
     shutil.copytree(src, share / "src" / "gblk", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     sizes = guest_initrds(images, share / "guest")
-    payload_timeout = min(sum(BUDGETS[s] for s in scenarios) + 120, PAYLOAD_CAP)
+    budgets = {s: BUDGETS[s.partition("@")[0]] for s in scenarios}
+    payload_timeout = min(sum(budgets.values()) + 120, PAYLOAD_CAP)
+    reference = [s for s in scenarios if s == "pipeline" or s.endswith("@blkback")]
+    if reference and len(reference) != len(scenarios):
+        raise lab.StepError(f"reference scenarios {reference} load xen-blkback, which claims every vbd: "
+                            "boot them on their own")
     config = {
         "scenarios": scenarios,
-        "blkback": "pipeline" in scenarios,
+        "blkback": bool(reference),
         "gblk": {"argv": gblk_argv(scenarios), "metrics_address": METRICS_ADDRESS},
-        "budgets": {s: BUDGETS[s] for s in scenarios},
+        "budgets": budgets,
         "payload_timeout": payload_timeout,
         "timeouts": {"create": 180, "guest": 300, "gblk_start": 90},
         "bench_runtime": bench_runtime,
@@ -201,7 +206,7 @@ def new_run_dir() -> Path:
 def run(scenarios: List[str], kvm: bool = False, out: Optional[Path] = None,
         bench_runtime: int = 10, pair_duration: int = 75) -> BootResult:
     """Build (or reuse) the images, boot once, run ``scenarios``; results in the returned dir."""
-    unknown = [s for s in scenarios if s not in BUDGETS]
+    unknown = [s for s in scenarios if s.partition("@")[0] not in BUDGETS or s.partition("@")[2] not in ("", "blkback")]
     if unknown:
         raise lab.StepError(f"unknown scenarios {unknown}; known: {sorted(BUDGETS)}")
     t0 = time.monotonic()
@@ -221,7 +226,9 @@ def run(scenarios: List[str], kvm: bool = False, out: Optional[Path] = None,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(ALL_SCENARIOS),
-                        help=f"comma-separated, from {','.join(BUDGETS)} (default: all but pipeline)")
+                        help=f"comma-separated, from {','.join(BUDGETS)} (default: all but pipeline); "
+                        "NAME@blkback runs a scenario with the kernel's blkback serving its phy disks "
+                        "(a reference; boot those on their own)")
     parser.add_argument("--no-bench", action="store_true", help="leave the benchmark out")
     parser.add_argument("--kvm", action="store_true", help="use KVM (only where KVM can run a hypervisor)")
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a new one in the cache)")

@@ -12,7 +12,7 @@ from typing import Optional, Set
 
 import pytest
 
-from gblk.blkif.abi import X86_32, X86_64, Request, Segment
+from gblk.blkif.abi import X86_32, X86_64, Abi, Request, Segment
 from gblk.blkif.const import Op, Status
 from gblk.blkif.validate import (
     UNSUPPORTED,
@@ -122,15 +122,15 @@ def test_indirect_op_times_segment_count(lim_name: str) -> None:
 
 
 @pytest.mark.parametrize("abi", [X86_64, X86_32], ids=["x86_64-abi", "x86_32-abi"])
-def test_every_slot_header_through_the_parser(abi: object) -> None:
+def test_every_slot_header_through_the_parser(abi: Abi) -> None:
     """The same grid from raw slot bytes (operation byte x byte 1) through
     parse_request: what the ring loop really does."""
-    base = bytearray(abi.req_size)  # type: ignore[attr-defined]
+    base = bytearray(abi.req_size)
     lim = LIMITS["rw"]
     for op in range(256):
         for b1 in range(0, 256, 3):
             base[0], base[1] = op, b1
-            req = abi.parse_request(bytes(base))  # type: ignore[attr-defined]
+            req = abi.parse_request(bytes(base))
             assert_right_outcome(req, lim)
 
 

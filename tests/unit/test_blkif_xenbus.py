@@ -6,7 +6,7 @@ NegotiationError (that device fails cleanly), never another exception.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import pytest
 from hypothesis import given, settings
@@ -28,7 +28,7 @@ from gblk.blkif.xenbus import (
 from gblk.errors import NegotiationError
 
 
-def reader(nodes: Dict[str, str]):  # type: ignore[no-untyped-def]
+def reader(nodes: Dict[str, str]) -> Callable[[str], Optional[str]]:
     return nodes.get
 
 
@@ -184,8 +184,9 @@ def test_malformed_numbers_are_negotiation_errors(value: str) -> None:
                      "protocol", "multi-queue-num-queues", "queue-0/ring-ref",
                      "queue-0/event-channel", "queue-1/ring-ref", "queue-1/event-channel",
                      "feature-persistent"]),
-    st.one_of(st.text(max_size=6), st.integers(0, 2**33).map(str))))
-@settings(max_examples=500, deadline=None)
+    st.one_of(st.text(max_size=6), st.integers(0, 2**33).map(str),
+              st.sampled_from(["\u00b2", "\u0661\u0662", " 7 ", "-1", "0x1f", "x86_64-abi"]))))
+@settings(max_examples=200, deadline=None)
 def test_parse_frontend_fails_only_with_negotiation_error(nodes: Dict[str, str]) -> None:
     """Whatever a guest writes into its frontend directory, parse_frontend returns or
     raises NegotiationError: nothing else may escape into the device's greenlet."""

@@ -39,18 +39,22 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch):  # type: ignore[no-untyped-def]
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     c = Clock()
     monkeypatch.setattr(grants_mod, "time", types.SimpleNamespace(monotonic=c.monotonic))
     return c
 
 
-def maps(*refs: int) -> Dict[int, FakeMapping]:
+def maps(*refs: int) -> Dict[int, GrantMapping]:
     return {r: FakeMapping(r) for r in refs}
 
 
 def refs_of(mappings: List[GrantMapping]) -> List[int]:
-    return [m.ref for m in mappings]  # type: ignore[attr-defined]
+    out = []
+    for m in mappings:
+        assert isinstance(m, FakeMapping)
+        out.append(m.ref)
+    return out
 
 
 def test_adopt_and_acquire(clock: Clock) -> None:
@@ -58,7 +62,7 @@ def test_adopt_and_acquire(clock: Clock) -> None:
     not cached are simply absent (the job maps them)."""
     c = PersistentGrants(limit=8, idle_seconds=60)
     new = maps(1, 2)
-    assert c.adopt(new) == []  # type: ignore[arg-type]
+    assert c.adopt(new) == []
     got = c.acquire([1, 2, 3, 1])
     assert set(got) == {1, 2}
     assert got[1] is new[1].pages[0]
@@ -71,8 +75,8 @@ def test_adopt_duplicate_is_rejected(clock: Clock) -> None:
     c = PersistentGrants(limit=8, idle_seconds=60)
     first = maps(5)
     second = maps(5, 6)
-    c.adopt(first)  # type: ignore[arg-type]
-    reject = c.adopt(second)  # type: ignore[arg-type]
+    c.adopt(first)
+    reject = c.adopt(second)
     assert reject == [second[5]]
     assert c.acquire([5])[5] is first[5].pages[0]
     assert len(c) == 2
@@ -83,10 +87,10 @@ def test_lru_eviction(clock: Clock) -> None:
     the victim is handed back for unmapping."""
     c = PersistentGrants(limit=3, idle_seconds=60)
     ms = maps(1, 2, 3)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     c.acquire([1])
     c.release([1])  # order of use now 2, 3, 1
-    reject = c.adopt(maps(4))  # type: ignore[arg-type]
+    reject = c.adopt(maps(4))
     assert reject == [ms[2]]
     assert c.evictions == 1
     assert set(c.acquire([1, 2, 3, 4])) == {1, 3, 4}
@@ -97,13 +101,13 @@ def test_pinned_entries_are_never_evicted(clock: Clock) -> None:
     threadpool job that uses it); with every entry pinned the new mapping is refused."""
     c = PersistentGrants(limit=2, idle_seconds=60)
     ms = maps(1, 2)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     c.acquire([1, 2])
     new = maps(3)
-    assert c.adopt(new) == [new[3]]  # type: ignore[arg-type]
+    assert c.adopt(new) == [new[3]]
     assert c.evictions == 0
     c.release([1])
-    assert c.adopt(maps(4)) == [ms[1]]  # type: ignore[arg-type]
+    assert c.adopt(maps(4)) == [ms[1]]
     assert set(c.acquire([1, 2, 4])) == {2, 4}
 
 
@@ -111,7 +115,7 @@ def test_pin_counts_nest(clock: Clock) -> None:
     """Two in-flight requests using the same grant: it stays pinned until both let go."""
     c = PersistentGrants(limit=1, idle_seconds=60)
     ms = maps(1)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     c.acquire([1])
     c.acquire([1])
     c.release([1])
@@ -125,7 +129,7 @@ def test_idle_sweep(clock: Clock) -> None:
     used and pinned ones stay, however old."""
     c = PersistentGrants(limit=8, idle_seconds=60)
     ms = maps(1, 2, 3)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     clock.now += 30
     c.acquire([2])
     c.release([2])
@@ -146,7 +150,7 @@ def test_shrink_to(clock: Clock) -> None:
     far as pins allow) and later adoptions respect it."""
     c = PersistentGrants(limit=5, idle_seconds=60)
     ms = maps(1, 2, 3, 4, 5)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     c.acquire([1])  # pinned and most recent
     out = c.shrink_to(2)
     assert refs_of(out) == [2, 3, 4]
@@ -154,14 +158,14 @@ def test_shrink_to(clock: Clock) -> None:
     assert refs_of(c.shrink_to(0)) == [5]
     assert len(c) == 1  # 1 is pinned
     new = maps(9)
-    assert c.adopt(new) == [new[9]]  # type: ignore[arg-type]
+    assert c.adopt(new) == [new[9]]
 
 
 def test_limit_zero_caches_nothing(clock: Clock) -> None:
     """max_persistent_grants = 0: every mapping is handed straight back."""
     c = PersistentGrants(limit=0, idle_seconds=60)
     new = maps(1, 2)
-    assert c.adopt(new) == [new[1], new[2]]  # type: ignore[arg-type]
+    assert c.adopt(new) == [new[1], new[2]]
     assert len(c) == 0
 
 
@@ -169,7 +173,7 @@ def test_drain_returns_everything_once(clock: Clock) -> None:
     """Disconnect: every cached mapping comes back exactly once; the cache is empty."""
     c = PersistentGrants(limit=8, idle_seconds=60)
     ms = maps(1, 2, 3)
-    c.adopt(ms)  # type: ignore[arg-type]
+    c.adopt(ms)
     assert sorted(refs_of(c.drain())) == [1, 2, 3]
     assert c.drain() == [] and len(c) == 0
 
@@ -187,9 +191,9 @@ def test_every_mapping_accounted_for(clock: Clock) -> None:
         refs = [(step * 7 + k * 13) % 40 for k in range(3)]
         cached = c.acquire(refs)
         pinned.append(list(cached))
-        new = {r: FakeMapping(r) for r in refs if r not in cached}
+        new: Dict[int, GrantMapping] = {r: FakeMapping(r) for r in refs if r not in cached}
         offered.extend(new.values())
-        handed_back.extend(c.adopt(new))  # type: ignore[arg-type]
+        handed_back.extend(c.adopt(new))
         if len(pinned) > 4:
             c.release(pinned.pop(0))
         if step % 50 == 0:

@@ -14,7 +14,8 @@ import mmap
 import os
 import random
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -176,7 +177,7 @@ class FakeGrantTable(GrantTable):
 class Rig:
     """One guest, its grant table, a raw disk image and a JobContext per mode."""
 
-    def __init__(self, tmp_path, npages: int = 64) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path: Path, npages: int = 64) -> None:
         self.guest = Guest(npages)
         self.gt = FakeGrantTable(self.guest)
         self.path = str(tmp_path / "disk.img")
@@ -206,7 +207,7 @@ class Rig:
 
 
 @pytest.fixture
-def rig(tmp_path):  # type: ignore[no-untyped-def]
+def rig(tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path)
     yield r
     r.close()
@@ -276,7 +277,7 @@ def test_map_mode_least_privilege_and_one_batch(rig: Rig) -> None:
     assert rig.gt.live == 0 and rig.gt.maps == rig.gt.unmaps == 4
 
 
-def _bad_cases() -> List[object]:
+def _bad_cases() -> List[Any]:
     out = []
     for mode in MODES:
         for op in (Op.READ, Op.WRITE):
@@ -378,7 +379,7 @@ def test_invalid_segments_map_nothing(rig: Rig, mode: str, segs: list, sector: i
 
 def _random_requests(seed: int, refs: List[int]) -> List[Tuple[int, List[Segment], int]]:
     rnd = random.Random(seed)
-    reqs = []
+    reqs: List[Tuple[int, List[Segment], int]] = []
     for _ in range(40):
         n = rnd.randint(1, 11)
         segs = []
@@ -392,7 +393,7 @@ def _random_requests(seed: int, refs: List[int]) -> List[Tuple[int, List[Segment
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_copy_and_persistent_modes_equal_map_mode(tmp_path, seed: int) -> None:  # type: ignore[no-untyped-def]
+def test_copy_and_persistent_modes_equal_map_mode(tmp_path: Path, seed: int) -> None:
     """The three ways of reaching guest pages are interchangeable: the same request
     sequence leaves the same bytes in guest memory and on disk in map, persistent
     and copy mode."""
@@ -498,7 +499,7 @@ def test_failed_postsync_is_an_error(rig: Rig, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", [Op.READ, Op.WRITE])
+@pytest.mark.parametrize("op", [Op.READ, Op.WRITE], ids=["read", "write"])
 def test_io_error_is_an_outcome_and_unmaps(rig: Rig, mode: str, op: int) -> None:
     """The backing store failing (EIO) gives an io_error Outcome, never an exception,
     and every one-off mapping is gone."""
@@ -511,8 +512,9 @@ def test_io_error_is_an_outcome_and_unmaps(rig: Rig, mode: str, op: int) -> None
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op", [Op.READ, Op.WRITE])
-def test_io_error_after_a_short_transfer(rig: Rig, monkeypatch, mode: str, op: int) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("op", [Op.READ, Op.WRITE], ids=["read", "write"])
+def test_io_error_after_a_short_transfer(rig: Rig, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                         op: int) -> None:
     """A failing disk typically transfers the bytes before the bad sector (a short
     preadv/pwritev) and then returns EIO. That must still be an io_error Outcome with
     every mapping unmapped and the bounce buffer freed: the partial progress must not
@@ -521,7 +523,7 @@ def test_io_error_after_a_short_transfer(rig: Rig, monkeypatch, mode: str, op: i
     real = {"preadv": os.preadv, "pwritev": os.pwritev}
     calls = {"n": 0}
 
-    def make(name: str):  # type: ignore[no-untyped-def]
+    def make(name: str) -> Callable[[int, List[memoryview], int], int]:
         def short_then_eio(fd: int, bufs: List[memoryview], off: int) -> int:
             calls["n"] += 1
             if calls["n"] > 1:
@@ -547,7 +549,7 @@ def _descriptor_pages(rig: Rig, segs: List[Segment], first_frame: int) -> List[i
     """Write blkif_request_segment descriptors (gref u32, first u8, last u8, 2 pad)
     into consecutive guest pages; return their grefs."""
     raw = b"".join(struct.pack("<IBBxx", *s) for s in segs)
-    pages = []
+    pages: List[int] = []
     for i in range(0, len(raw), PAGE_SIZE):
         ref = rig.guest.grant(first_frame + len(pages))
         rig.guest.fill(ref, raw[i:i + PAGE_SIZE].ljust(PAGE_SIZE, b"\xff"))

@@ -151,7 +151,8 @@ def test_frontend_skipping_initwait_connects_in_two_steps() -> None:
 def test_guest_reboot_cycle() -> None:
     """Connected -> frontend Closing -> Closed -> Initialising -> Initialised: the
     backend follows to Closing, Closed, InitWait and Connected again."""
-    b, att = S.CONNECTED, True
+    b: Optional[int] = S.CONNECTED
+    att = True
     trail = []
     for f in (S.CLOSING, S.CLOSED, S.INITIALISING, S.INITIALISED, S.CONNECTED):
         for action in run(b, f, ON, att):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import List
+from pathlib import Path
+from typing import Iterator, List
 
 import pytest
 
@@ -27,15 +28,16 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 
 @pytest.fixture
-def image(tmp_path):  # type: ignore[no-untyped-def]
+def image(tmp_path: Path) -> str:
     path = tmp_path / "disk.img"
     path.write_bytes(pattern(SIZE))
     return str(path)
 
 
 @pytest.fixture
-def store(image):  # type: ignore[no-untyped-def]
+def store(image: str) -> Iterator[RawStore]:
     s = open_store("raw", image, readonly=False)
+    assert isinstance(s, RawStore)
     yield s
     s.close()
 
@@ -91,7 +93,8 @@ def test_empty_views_are_skipped(store: RawStore) -> None:
 
 
 @pytest.mark.parametrize("step", [1, 100, 511, 513, 4095])
-def test_short_transfers_are_resumed(store: RawStore, image: str, monkeypatch, step: int) -> None:  # type: ignore[no-untyped-def]
+def test_short_transfers_are_resumed(store: RawStore, image: str, monkeypatch: pytest.MonkeyPatch,
+                                     step: int) -> None:
     """preadv/pwritev may move fewer bytes than asked (signals, some filesystems, block
     devices at their limits); the store resumes exactly where the kernel stopped,
     including inside a view."""
@@ -221,7 +224,7 @@ def test_unsupported_format_error(image: str, fmt: str) -> None:
     assert all(f in msg for f in SUPPORTED_FORMATS)
 
 
-def test_missing_file_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_file_error(tmp_path: Path) -> None:
     """A missing image is a StorageError naming the path and the reason."""
     path = str(tmp_path / "nope.img")
     with pytest.raises(StorageError) as ei:
@@ -230,7 +233,7 @@ def test_missing_file_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("readonly", [True, False])
-def test_directory_is_refused(tmp_path, readonly: bool) -> None:  # type: ignore[no-untyped-def]
+def test_directory_is_refused(tmp_path: Path, readonly: bool) -> None:
     """A directory is neither a file nor a block device: a StorageError that says so
     (not a crash later on the first IO)."""
     with pytest.raises(StorageError, match="neither a regular file nor a block device|cannot open"):
