@@ -248,7 +248,7 @@ class Demo:
                 if self.interrupted:
                     wl.stop()
                     break
-            progress.show(wl.elapsed(), wl.stats, final=True)
+            progress.show(wl.stats.elapsed or wl.elapsed(), wl.stats, final=True)
         finally:
             progress.end()
         stats = wl.stats

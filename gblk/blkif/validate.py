@@ -68,10 +68,10 @@ def check_header(req: Request, lim: DiskLimits) -> None:
         if n and lim.readonly:
             raise InvalidRequest("read_only", "flush with data to a read-only disk")
     elif op == Op.DISCARD:
+        if lim.readonly:  # refused as an error even though never offered (XSA-142)
+            raise InvalidRequest("read_only", "discard on a read-only disk")
         if not lim.discard or (req.flag & 1 and not lim.discard_secure):
             raise InvalidRequest(UNSUPPORTED, "discard not offered")
-        if lim.readonly:
-            raise InvalidRequest("read_only", "discard on a read-only disk")
         check_range(req.sector_number, req.nr_sectors, lim)
     elif op == Op.INDIRECT:
         if not lim.max_indirect_segments:

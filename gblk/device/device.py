@@ -253,8 +253,9 @@ class Device:
             sector_size=store.sector_size,
             barrier=True,
             flush=True,
-            discard=self._discard_enable and store.supports_discard,
-            discard_secure=self._discard_enable and store.supports_secure_discard,
+            discard=self._discard_enable and store.supports_discard and not self._readonly,
+            discard_secure=(self._discard_enable and store.supports_secure_discard
+                            and not self._readonly),
             max_indirect_segments=self.ctx.config.max_indirect_segments,
         )
 
