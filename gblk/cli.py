@@ -246,7 +246,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``gblk`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(list(argv) if argv is not None else None)
+        args, extra = parser.parse_known_args(list(argv) if argv is not None else None)
+        if extra:
+            # options meant for a pass-through command (gblk bench --seconds 3):
+            # argparse's REMAINDER does not take them when they come first
+            if not hasattr(args, "argv"):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.argv = list(extra) + list(args.argv)
     except SystemExit as exc:  # --help, --version, usage errors
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)

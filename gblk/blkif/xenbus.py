@@ -7,7 +7,7 @@ testable with a dict. Names are exactly those of blkif.h (PROTOCOL.md §1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ..errors import NegotiationError
 from .abi import Abi, abi_for_protocol

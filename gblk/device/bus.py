@@ -15,6 +15,7 @@ from typing import Dict, Optional, Sequence, Set, Tuple
 import gevent
 
 from ..errors import XenStoreError
+from ..xen.interfaces import WatchSubscription
 from .device import Device, DeviceContext
 
 log = logging.getLogger("gblk.bus")
@@ -29,7 +30,7 @@ class Bus:
         self.devices: Dict[Key, Device] = {}
         self._finished: Set[Key] = set()
         self._greenlet: Optional[gevent.Greenlet] = None
-        self._sub = None
+        self._sub: Optional[WatchSubscription] = None
         self._base = {k: f"/local/domain/{ctx.backend_domid}/backend/{k}" for k in self.kinds}
 
     def start(self) -> None:

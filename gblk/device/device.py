@@ -8,10 +8,9 @@ message in ``hotplug-error``; the daemon and every other device carry on.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import gevent
 
@@ -54,6 +53,14 @@ def _state(value: Optional[str]) -> Optional[int]:
     except ValueError:
         return S.UNKNOWN
     return n if 0 <= n <= 8 else S.UNKNOWN
+
+
+def _open_store(fmt: str, path: str, readonly: bool, direct: bool) -> Any:
+    """Threadpool job: the store, or the error to raise on the hub."""
+    try:
+        return open_store(fmt, path, readonly, direct)
+    except (GblkError, OSError) as e:
+        return e
 
 
 class Device:
@@ -225,7 +232,10 @@ class Device:
         self._discard_enable = cfg.discard and xb.parse_bool(
             xs.read(f"{self.path}/{xb.DISCARD_ENABLE}"), default=True)
         if self.store is None:
-            self.store = self.ctx.pool.apply(open_store, (fmt, path, self._readonly, self._direct))
+            got = self.ctx.pool.apply(_open_store, (fmt, path, self._readonly, self._direct))
+            if isinstance(got, BaseException):
+                raise got  # raised here, on the hub: the threadpool would print it
+            self.store = got
         if self.gnttab is None:
             self.gnttab = self.ctx.host.open_grant_table()
         offer = self._offer()

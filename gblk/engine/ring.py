@@ -31,7 +31,7 @@ from . import jobs
 from .grants import PersistentGrants
 from .stats import DeviceStats, RingStats
 
-_OP_LABEL = {
+_OP_LABEL: Dict[int, str] = {
     Op.READ: "read",
     Op.WRITE: "write",
     Op.WRITE_BARRIER: "barrier",

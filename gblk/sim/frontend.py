@@ -33,6 +33,10 @@ before it is placed), ``put_raw``, ``push``, ``set_req_prod``, ``rewrite_slot``,
 ``revoke_grant``, ``notify(count=)``, ``set_state``, ``write_node``/``remove_node``,
 ``pause_responses``, ``outstanding_requests``.
 
+Split over modules: ``front_types`` (options, results, counters, errors, all
+re-exported here), ``front_ring`` (one queue: ring, event channel, response checks),
+``front_verify`` (the shadow copy), ``front_hooks`` (the hostile hooks, a mixin).
+
 Runs on the gevent hub (one greenlet per queue, one watching the backend); every
 XenStore access goes through a ``gblk.xen.interfaces.XenStore`` acting as the guest.
 Must not import the engine, device, daemon or cli layers.
@@ -44,8 +48,7 @@ import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import gevent
 import gevent.event
@@ -61,20 +64,38 @@ from ..blkif.const import (
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
     SEGS_PER_INDIRECT_FRAME,
-    VDISK_CDROM,
-    VDISK_READONLY,
-    VDISK_REMOVABLE,
     Op,
     Status,
     XenbusState,
 )
 from ..errors import GblkError, XenStoreError
 from ..xen.interfaces import XenStore, XenStoreOps
+from .front_hooks import FrontendHooks
 from .front_ring import FrontQueue, GuestEventChannel, Part
+from .front_types import (
+    NATIVE_PROTOCOL,
+    DiskInfo,
+    FrontendError,
+    FrontendOptions,
+    FrontendStats,
+    FrontendTimeout,
+    IOFailed,
+    IoResult,
+    NotConnected,
+    Offer,
+    PartInfo,
+    RawResponse,
+)
 from .front_verify import Mismatch, Verifier
 from .memory import GuestMemory
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "CANARY", "NATIVE_PROTOCOL", "DiskInfo", "Frontend", "FrontendError", "FrontendOptions",
+    "FrontendStats", "FrontendTimeout", "GuestEventChannel", "IOFailed", "IoResult",
+    "Mismatch", "NotConnected", "Offer", "PartInfo", "RawResponse", "segments_for",
+]
 
 Buffer = Union[bytes, bytearray, memoryview]
 #: a hook that sees each request before it is placed: return None (keep), a Request
@@ -84,180 +105,6 @@ Mutate = Callable[[Request], Optional[Union[Request, bytes]]]
 #: filled into the parts of a READ's pages the request does not cover (XSA-403)
 CANARY = 0xA5
 _CANARY_PAGE = bytes([CANARY]) * PAGE_SIZE
-#: XEN_IO_PROTO_ABI_NATIVE of an x86_64 Linux guest
-NATIVE_PROTOCOL = "x86_64-abi"
-
-
-class FrontendError(GblkError):
-    """The simulated frontend could not do what was asked."""
-
-
-class FrontendTimeout(FrontendError):
-    """A state the frontend waited for did not come in time."""
-
-
-class NotConnected(FrontendError):
-    """IO submitted while the frontend is not connected."""
-
-
-class IOFailed(FrontendError):
-    """A request was answered with an error status (or lost)."""
-
-    def __init__(self, result: "IoResult") -> None:
-        super().__init__(f"{result.kind} sector {result.sector}+{result.nsectors}: "
-                         f"status {result.status}{' (lost)' if result.lost else ''}")
-        self.result = result
-
-
-@dataclass
-class FrontendOptions:
-    """What the simulated guest's driver is allowed to use (module parameters)."""
-
-    #: "x86_64-abi", "x86_32-abi", "arm-abi", or None: no protocol node (x86_32 layout)
-    protocol: Optional[str] = NATIVE_PROTOCOL
-    #: our ceiling on the ring order (Linux: max_ring_page_order)
-    max_ring_page_order: int = 4
-    #: our ceiling on queues (Linux: max_queues, default 4)
-    max_queues: int = 4
-    #: our ceiling on indirect segments (Linux: max_indirect_segments); 0: never INDIRECT
-    max_indirect_segments: int = 256
-    #: use persistent grants when the backend offers them (Linux: feature_persistent)
-    persistent: bool = True
-    #: INDIRECT even for requests of 11 segments or fewer
-    force_indirect: bool = False
-    #: order 0 written as "ring-ref" (Linux) or as "ring-page-order"=0 + "ring-ref0"
-    legacy_ring_ref: bool = True
-    #: wait for the backend's InitWait before writing the ring nodes (False: skip it)
-    wait_initwait: bool = True
-    #: pages of data (and indirect descriptors) in flight at most; bounds the pool
-    max_inflight_pages: int = 4096
-    #: the disk's initial content is zeros (a fresh sparse image): check it too
-    initial_zero: bool = False
-    #: a successful DISCARD leaves zeros (raw files: punched holes read as zeros)
-    discard_zeroes: bool = True
-    #: the response to an INDIRECT request must carry its indirect_op (what Linux's
-    #: blkif_interrupt checks); False: accept INDIRECT (6) as well
-    strict_indirect_op: bool = True
-    #: first request id (ids are unique 64-bit numbers; high bits catch truncation)
-    id_base: int = 0x5A5A_0000_0000_0000
-    #: seconds to wait for each backend state during connect/close
-    timeout: float = 30.0
-    #: seconds a synchronous IO helper waits for its answer
-    io_timeout: float = 60.0
-
-
-@dataclass
-class DiskInfo:
-    """What the backend published at connect time."""
-
-    sectors: int = 0
-    sector_size: int = SECTOR_SIZE
-    physical_sector_size: int = SECTOR_SIZE
-    info: int = 0
-    flush: bool = False
-    barrier: bool = False
-    discard: bool = False
-    discard_granularity: int = 0
-    discard_alignment: int = 0
-    discard_secure: bool = False
-    persistent: bool = False
-    max_indirect_segments: int = 0
-
-    @property
-    def readonly(self) -> bool:
-        return bool(self.info & VDISK_READONLY)
-
-    @property
-    def cdrom(self) -> bool:
-        return bool(self.info & VDISK_CDROM)
-
-    @property
-    def removable(self) -> bool:
-        return bool(self.info & VDISK_REMOVABLE)
-
-    @property
-    def size_bytes(self) -> int:
-        return self.sectors * SECTOR_SIZE
-
-
-@dataclass
-class Offer:
-    """What the backend offered before InitWait (as this frontend read it)."""
-
-    max_ring_page_order: int = 0
-    max_queues: int = 1
-    max_indirect_segments: int = 0
-    persistent: bool = False
-
-
-@dataclass
-class IoResult:
-    """The answer to one user operation (possibly several ring requests)."""
-
-    kind: str
-    sector: int
-    nsectors: int
-    status: int  #: OKAY if every request was OKAY, else the first other status
-    statuses: List[int] = field(default_factory=list)
-    data: Optional[bytes] = None  #: what a read returned
-    mismatch: Optional[Mismatch] = None  #: the first verification failure
-    lost: bool = False  #: some request never got an answer (disconnect)
-    requests: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == Status.OKAY and not self.lost and self.mismatch is None
-
-    @property
-    def nbytes(self) -> int:
-        return self.nsectors * SECTOR_SIZE if self.kind in ("read", "write", "barrier", "flush") else 0
-
-
-@dataclass
-class RawResponse:
-    """The answer to a request placed with ``put_raw``."""
-
-    id: int
-    operation: int
-    status: int
-
-
-@dataclass
-class PartInfo:
-    """A ring request in flight (for hostile tests)."""
-
-    id: int
-    queue: int
-    kind: str
-    operation: int
-    sector: int
-    nsectors: int
-    index: int
-    grefs: List[int]
-    indirect_grefs: List[int]
-
-
-@dataclass
-class FrontendStats:
-    requests: int = 0  #: ring requests placed
-    responses: int = 0  #: valid responses
-    ops: int = 0  #: user operations completed
-    errors: int = 0  #: responses with BLKIF_RSP_ERROR (or an unknown status)
-    unsupported: int = 0  #: responses with BLKIF_RSP_EOPNOTSUPP
-    lost: int = 0  #: requests never answered (disconnect, reboot)
-    bytes_read: int = 0
-    bytes_written: int = 0
-    mismatches: int = 0
-    canary_violations: int = 0
-    grants_busy_after_response: int = 0
-    grant_leaks: int = 0  #: grants still mapped by the backend after it closed
-    connects: int = 0
-    resizes: int = 0
-    violations: Dict[str, int] = field(default_factory=dict)
-
-    @property
-    def protocol_violations(self) -> int:
-        return sum(self.violations.values())
 
 
 class _UserOp:
@@ -318,7 +165,7 @@ def segments_for(sector: int, nsectors: int) -> List[Tuple[int, int]]:
     return out
 
 
-class Frontend:
+class Frontend(FrontendHooks):
     """A Linux-like blkfront for device ``devid`` of guest ``domid``.
 
     ``xs`` is the guest's XenStore connection, ``memory`` its RAM and grant table,
@@ -1236,102 +1083,6 @@ class Frontend:
         v[reason] = v.get(reason, 0) + 1
         if v[reason] == 1:
             log.error("d%d/%d: backend protocol violation: %s", self.domid, self.devid, reason)
-
-    # =====================================================================
-    # hooks for hostile tests
-    # =====================================================================
-    def queue(self, index: int = 0) -> FrontQueue:
-        return self.queues[index]
-
-    def put_raw(self, raw: bytes, queue: int = 0, push: bool = True,
-                notify: Optional[bool] = None, expect_id: Optional[int] = None,
-                expect_response: bool = True) -> Optional[gevent.event.AsyncResult]:
-        """Place arbitrary bytes in the next slot of ``queue``. The response (its id
-        is read from the bytes unless ``expect_id``) resolves the returned
-        AsyncResult with a RawResponse; without ``expect_response`` nothing is
-        registered (a response will count as ``unknown_id``)."""
-        q = self.queues[queue]
-        raw = bytes(raw).ljust(self.abi.req_size, b"\0")[: self.abi.req_size]
-        result = None
-        part = None
-        if expect_response:
-            rid = self.abi.head.unpack_from(raw)[3] if expect_id is None else expect_id
-            part = Part(rid, queue, "raw", raw[0], None)
-            part.result = result = gevent.event.AsyncResult()
-        q.put(raw, part)
-        self.stats.requests += 1
-        if push:
-            q.push(notify)
-        return result
-
-    def pack(self, req: Request) -> bytes:
-        """The request packed for this frontend's ABI."""
-        return self.abi.pack_request(req)
-
-    def new_id(self) -> int:
-        return next(self._ids) & 0xFFFFFFFFFFFFFFFF
-
-    def push(self, queue: int = 0, notify: Optional[bool] = None) -> bool:
-        """Publish what was placed with ``push=False``."""
-        return self.queues[queue].push(notify)
-
-    def set_req_prod(self, value: int, queue: int = 0, notify: bool = True) -> None:
-        """Hostile: publish a bogus producer index (and kick the backend)."""
-        q = self.queues[queue]
-        q.set_req_prod(value)
-        if notify:
-            q.notify()
-
-    def rewrite_slot(self, index: int, raw: bytes, queue: int = 0) -> None:
-        """Hostile (XSA-155): rewrite the slot of ring index ``index`` after publishing."""
-        self.queues[queue].write_slot(index, raw)
-
-    def revoke_grant(self, gref: int) -> None:
-        """Hostile (XSA-396): revoke a grant the backend may be using."""
-        self.memory.revoke(gref)
-
-    def notify(self, queue: int = 0, count: int = 1) -> None:
-        """Send ``count`` notifications (a storm: XSA-332)."""
-        q = self.queues[queue]
-        for _ in range(count):
-            q.notify()
-
-    def set_state(self, state: int) -> None:
-        """Hostile: write our XenBus state node, nothing else."""
-        self._set_state(state)
-
-    def write_node(self, name: str, value: str) -> None:
-        self.xs.write(f"{self.path}/{name}", value)
-
-    def remove_node(self, name: str) -> None:
-        self.xs.rm(f"{self.path}/{name}")
-
-    def pause_responses(self, queue: Optional[int] = None) -> None:
-        """Stop consuming responses (requests stay outstanding, the ring fills)."""
-        for q in self._queues(queue):
-            q.paused = True
-
-    def resume_responses(self, queue: Optional[int] = None) -> None:
-        for q in self._queues(queue):
-            q.paused = False
-            q.process()
-
-    def poll(self, queue: Optional[int] = None) -> None:
-        """Consume responses without waiting for an event."""
-        for q in self._queues(queue):
-            q.process()
-
-    def _queues(self, queue: Optional[int]) -> List[FrontQueue]:
-        return list(self.queues) if queue is None else [self.queues[queue]]
-
-    def outstanding_requests(self) -> List[PartInfo]:
-        out = []
-        for q in self.queues:
-            for p in q.outstanding.values():
-                out.append(PartInfo(p.id, q.index, p.kind, p.op, p.sector, p.nsectors,
-                                    p.index, p.grefs(), p.indirect_grefs()))
-        return out
-
 
 def _sectors_of(data: Buffer) -> int:
     n = len(data)

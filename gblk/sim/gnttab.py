@@ -22,6 +22,8 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+import cffi
+
 from gblk.errors import GrantError
 from gblk.sim.memory import (
     GNTTAB_FILE,
@@ -49,6 +51,7 @@ from gblk.xen.interfaces import (
 )
 
 # libc's mmap, to place guest pages at fixed addresses inside a reserved range
+_ffi = cffi.FFI()
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_mmap = _libc.mmap
 _libc_mmap.restype = ctypes.c_void_p
@@ -116,60 +119,38 @@ class SimGrantMapping(GrantMapping):
         self._maps: List[mmap.mmap] = []
         self._views: List[memoryview] = []
         self.unmapped = False
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        pages: List[memoryview] = []
-        runs = 1 + sum(1 for a, b in zip(frames, frames[1:]) if b != a + 1)
-        if runs > 1 and writable:
-            # libxengnttab maps all refs into one contiguous range (multi-page rings
-            # rely on it): reserve the range, then place each page over it
-            try:
-                self._map_contiguous(files.mem_fd, frames)
-            except BaseException:
-                self.pages = []
-                self._release_views()
-                self._close_maps()
-                raise
-            return
         try:
-            i = 0
-            while i < len(frames):
-                j = i + 1
-                while j < len(frames) and frames[j] == frames[j - 1] + 1:
-                    j += 1
-                m = mmap.mmap(
-                    files.mem_fd, (j - i) * PAGE_SIZE, mmap.MAP_SHARED, prot,
-                    offset=frames[i] * PAGE_SIZE,
-                )
-                self._maps.append(m)
-                base = memoryview(m)
-                self._views.append(base)
-                for k in range(j - i):
-                    pages.append(base[k * PAGE_SIZE : (k + 1) * PAGE_SIZE])
-                i = j
+            self._map_contiguous(files.mem_fd, frames, writable)
         except BaseException:
-            self.pages = pages
+            self.pages = []
             self._release_views()
             self._close_maps()
             raise
-        self.pages = pages
-        if len(self._views) == 1:
-            self.contiguous = self._views[0]
 
-    def _map_contiguous(self, fd: int, frames: List[int]) -> None:
+    def _map_contiguous(self, fd: int, frames: List[int], writable: bool) -> None:
+        """Like libxengnttab: every ref in one contiguous range. An anonymous
+        reservation (no file descriptor: Python's mmap of a file dups the fd, and a
+        daemon with thousands of mappings would run out of select()-able fds), then
+        each guest page placed over it with MAP_FIXED; closing the reservation
+        unmaps them all. Read-only mappings are PROT_READ and their views read-only."""
         n = len(frames)
-        region = mmap.mmap(-1, n * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                           mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        region = mmap.mmap(-1, n * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, prot)
         self._maps.append(region)
-        anchor = ctypes.c_char.from_buffer(region)
-        base_addr = ctypes.addressof(anchor)
-        del anchor  # no export may outlive this function: region.close() needs none
-        for k, frame in enumerate(frames):
-            got = _libc_mmap(base_addr + k * PAGE_SIZE, PAGE_SIZE,
-                             mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED,
-                             fd, frame * PAGE_SIZE)
+        anchor = _ffi.from_buffer(region)
+        base_addr = int(_ffi.cast("uintptr_t", anchor))
+        _ffi.release(anchor)  # no export may outlive this function: region.close() needs none
+        k = 0
+        while k < n:  # one mmap call per run of consecutive frames
+            j = k + 1
+            while j < n and frames[j] == frames[j - 1] + 1:
+                j += 1
+            got = _libc_mmap(base_addr + k * PAGE_SIZE, (j - k) * PAGE_SIZE, prot,
+                             mmap.MAP_SHARED | _MAP_FIXED, fd, frames[k] * PAGE_SIZE)
             if got in (None, _MAP_FAILED):
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
+            k = j
         whole = memoryview(region)
         self._views.append(whole)
         self.contiguous = whole

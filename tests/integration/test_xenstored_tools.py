@@ -1,5 +1,5 @@
 """Debian's xenstore-* tools (libxenstore, package xenstore-utils) against the
-simulated xenstored, run as its own process: everything they do must behave as with
+simulated xsd, run as its own process: everything they do must behave as with
 a real xenstored."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if not shutil.which("xenstore-write"):
 
 
 def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xenstored --socket SOCK`, returned once it accepts."""
+    """`python -m gblk.sim.xsd --socket SOCK`, returned once it accepts."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     rfd, wfd = os.pipe()
@@ -40,11 +40,11 @@ def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
     )
     os.close(wfd)
     with os.fdopen(rfd, "rb") as ready:
-        status = ready.read()
+        status = ready.readline()  # b"" if it died first
     if not status.startswith(b"READY"):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
+        raise RuntimeError(f"xsd did not start (exit {proc.returncode})")
     return proc
 
 
@@ -79,7 +79,7 @@ class Raw:
 
 
 @pytest.fixture(scope="module")
-def xenstored() -> Iterator[str]:
+def xsd() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="gblk-xs-")
     sock = os.path.join(tmp, "sock")
     proc = start_xenstored(sock)
@@ -106,55 +106,55 @@ def lines(text: str) -> List[str]:
     return text.splitlines()
 
 
-def test_write_read_list_exists_rm(xenstored: str) -> None:
+def test_write_read_list_exists_rm(xsd: str) -> None:
     """xenstore-write/-read/-list/-ls/-exists/-rm round trip, empty values included."""
-    ok(xenstored, "xenstore-write", "/t1/a", "hello world", "/t1/b/c", "")
-    assert ok(xenstored, "xenstore-read", "/t1/a") == "hello world\n"
-    assert ok(xenstored, "xenstore-read", "/t1/b/c") == "\n"
-    assert lines(ok(xenstored, "xenstore-list", "/t1")) == ["a", "b"]
-    assert lines(ok(xenstored, "xenstore-ls", "-f", "/t1")) == [
+    ok(xsd, "xenstore-write", "/t1/a", "hello world", "/t1/b/c", "")
+    assert ok(xsd, "xenstore-read", "/t1/a") == "hello world\n"
+    assert ok(xsd, "xenstore-read", "/t1/b/c") == "\n"
+    assert lines(ok(xsd, "xenstore-list", "/t1")) == ["a", "b"]
+    assert lines(ok(xsd, "xenstore-ls", "-f", "/t1")) == [
         '/t1/a = "hello world"', '/t1/b = ""', '/t1/b/c = ""']
-    assert xs(xenstored, "xenstore-exists", "/t1/a").returncode == 0
-    assert xs(xenstored, "xenstore-exists", "/t1/zz").returncode != 0
-    ok(xenstored, "xenstore-rm", "/t1/b")
-    assert xs(xenstored, "xenstore-exists", "/t1/b/c").returncode != 0
-    assert lines(ok(xenstored, "xenstore-list", "/t1")) == ["a"]
-    missing = xs(xenstored, "xenstore-read", "/t1/missing")
+    assert xs(xsd, "xenstore-exists", "/t1/a").returncode == 0
+    assert xs(xsd, "xenstore-exists", "/t1/zz").returncode != 0
+    ok(xsd, "xenstore-rm", "/t1/b")
+    assert xs(xsd, "xenstore-exists", "/t1/b/c").returncode != 0
+    assert lines(ok(xsd, "xenstore-list", "/t1")) == ["a"]
+    missing = xs(xsd, "xenstore-read", "/t1/missing")
     assert missing.returncode != 0 and "/t1/missing" in missing.stderr
 
 
-def test_rm_tidy_and_missing(xenstored: str) -> None:
+def test_rm_tidy_and_missing(xsd: str) -> None:
     """xenstore-rm -t removes emptied parents; removing a missing node is fine."""
-    ok(xenstored, "xenstore-write", "/t2/x/y/z", "1", "/t2/keep", "k")
-    ok(xenstored, "xenstore-rm", "-t", "/t2/x/y/z")
-    assert lines(ok(xenstored, "xenstore-list", "/t2")) == ["keep"]
-    assert xs(xenstored, "xenstore-rm", "/t2/never").returncode == 0
+    ok(xsd, "xenstore-write", "/t2/x/y/z", "1", "/t2/keep", "k")
+    ok(xsd, "xenstore-rm", "-t", "/t2/x/y/z")
+    assert lines(ok(xsd, "xenstore-list", "/t2")) == ["keep"]
+    assert xs(xsd, "xenstore-rm", "/t2/never").returncode == 0
 
 
-def test_chmod_and_permission_listing(xenstored: str) -> None:
+def test_chmod_and_permission_listing(xsd: str) -> None:
     """xenstore-chmod sets the permission list (owner first) that xenstore-ls -p
     shows; -r applies it to the subtree."""
-    ok(xenstored, "xenstore-write", "/t3/node", "v", "/t3/node/child", "c")
-    ok(xenstored, "xenstore-chmod", "/t3/node", "n5", "r7", "b9")
-    listing = ok(xenstored, "xenstore-ls", "-p", "/t3")
+    ok(xsd, "xenstore-write", "/t3/node", "v", "/t3/node/child", "c")
+    ok(xsd, "xenstore-chmod", "/t3/node", "n5", "r7", "b9")
+    listing = ok(xsd, "xenstore-ls", "-p", "/t3")
     assert "(n5,r7,b9)" in lines(listing)[0]
     assert "(n0)" in lines(listing)[1]
-    ok(xenstored, "xenstore-chmod", "-r", "/t3", "b0", "r3")
-    assert all("(b0,r3)" in line for line in lines(ok(xenstored, "xenstore-ls", "-p", "/t3")))
+    ok(xsd, "xenstore-chmod", "-r", "/t3", "b0", "r3")
+    assert all("(b0,r3)" in line for line in lines(ok(xsd, "xenstore-ls", "-p", "/t3")))
 
 
-def test_watch_reports_initial_and_later_events(xenstored: str) -> None:
+def test_watch_reports_initial_and_later_events(xsd: str) -> None:
     """xenstore-watch gets the initial event, then one per change at or below the
     watched path, including the removal of the node and of its children."""
-    env = dict(os.environ, XENSTORED_PATH=xenstored)
+    env = dict(os.environ, XENSTORED_PATH=xsd)
     watcher = subprocess.Popen(["xenstore-watch", "-n", "4", "/t4"], env=env,
                                stdout=subprocess.PIPE, text=True)
     try:
         assert watcher.stdout is not None
         assert watcher.stdout.readline().strip() == "/t4"  # registered
-        ok(xenstored, "xenstore-write", "/t4/x", "1")
-        ok(xenstored, "xenstore-write", "/t4-sibling", "not watched")
-        ok(xenstored, "xenstore-rm", "/t4")
+        ok(xsd, "xenstore-write", "/t4/x", "1")
+        ok(xsd, "xenstore-write", "/t4-sibling", "not watched")
+        ok(xsd, "xenstore-rm", "/t4")
         rest = watcher.stdout.read()
         assert watcher.wait(20) == 0
     finally:
@@ -162,45 +162,45 @@ def test_watch_reports_initial_and_later_events(xenstored: str) -> None:
     assert lines(rest) == ["/t4/x", "/t4", "/t4/x"]
 
 
-def test_relative_paths_are_under_dom0s_home(xenstored: str) -> None:
+def test_relative_paths_are_under_dom0s_home(xsd: str) -> None:
     """A relative path from a dom0 socket connection means /local/domain/0/..."""
-    ok(xenstored, "xenstore-write", "relname", "r")
-    assert ok(xenstored, "xenstore-read", "/local/domain/0/relname") == "r\n"
+    ok(xsd, "xenstore-write", "relname", "r")
+    assert ok(xsd, "xenstore-read", "/local/domain/0/relname") == "r\n"
 
 
-def test_guest_socket_is_confined_by_permissions(xenstored: str) -> None:
+def test_guest_socket_is_confined_by_permissions(xsd: str) -> None:
     """Tools connected to an introduced guest's socket act as that guest: they work
     in its home and fail (EACCES) where the permissions say so."""
-    dom0 = Raw(xenstored)
+    dom0 = Raw(xsd)
     try:
         dom0.ok(XS_INTRODUCE, b"12", b"0", b"1")
         dom0.ok(XS_MKDIR, b"/local/domain/12")
         dom0.ok(XS_SET_PERMS, b"/local/domain/12", b"n12", b"r0")
     finally:
         dom0.close()
-    guest = xenstored + ".d12"
+    guest = xsd + ".d12"
     ok(guest, "xenstore-write", "name", "guest12", "device/vbd/51712/state", "1")
-    assert ok(xenstored, "xenstore-read", "/local/domain/12/name") == "guest12\n"
+    assert ok(xsd, "xenstore-read", "/local/domain/12/name") == "guest12\n"
     assert "(n12,r0)" in ok(guest, "xenstore-ls", "-p", "/local/domain/12").splitlines()[0]
     assert xs(guest, "xenstore-read", "/tool/xenstored").returncode != 0
     assert xs(guest, "xenstore-write", "/elsewhere", "x").returncode != 0
-    assert xs(xenstored, "xenstore-exists", "/elsewhere").returncode != 0
-    ok(xenstored, "xenstore-write", "/local/domain/12/ro", "dom0's")
-    ok(xenstored, "xenstore-chmod", "/local/domain/12/ro", "n0", "r12")
+    assert xs(xsd, "xenstore-exists", "/elsewhere").returncode != 0
+    ok(xsd, "xenstore-write", "/local/domain/12/ro", "dom0's")
+    ok(xsd, "xenstore-chmod", "/local/domain/12/ro", "n0", "r12")
     assert ok(guest, "xenstore-read", "ro") == "dom0's\n"
     assert xs(guest, "xenstore-write", "ro", "mine").returncode != 0
     assert xs(guest, "xenstore-chmod", "ro", "n12").returncode != 0
 
 
-def test_large_directory_is_listed_in_parts(xenstored: str) -> None:
+def test_large_directory_is_listed_in_parts(xsd: str) -> None:
     """A child list longer than one 4096-byte reply (E2BIG) is still listed in
     full: libxenstore falls back to XS_DIRECTORY_PART."""
     names = [f"c{i:03d}-" + "n" * 60 for i in range(120)]
     args: List[str] = []
     for name in names:
         args += [f"/t6/{name}", ""]
-    ok(xenstored, "xenstore-write", *args)
-    assert lines(ok(xenstored, "xenstore-list", "/t6")) == names
+    ok(xsd, "xenstore-write", *args)
+    assert lines(ok(xsd, "xenstore-list", "/t6")) == names
 
 
 def test_socket_files_removed_on_sigterm() -> None:
