@@ -10,7 +10,7 @@ persistent-grant mappings, which it hands back to the ring's cache.
 from __future__ import annotations
 
 import mmap
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Segment, parse_indirect_segments
 from ..blkif.const import SECTOR_SHIFT, Op, Status
@@ -253,6 +253,18 @@ def _copy_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: int,
     finally:
         view.release()
         bounce.close()
+
+
+def run_batch(items: Sequence[Tuple[Callable[..., Outcome], Tuple[Any, ...]]]) -> List[Any]:
+    """Several requests' jobs in order, in one threadpool job. Each result is an
+    Outcome or, should a job ever raise (a bug), the exception: never raised here."""
+    out: List[Any] = []
+    for fn, args in items:
+        try:
+            out.append(fn(*args))
+        except Exception as e:  # noqa: BLE001 - handed to the hub, which answers ERROR
+            out.append(e)
+    return out
 
 
 def run_discard(ctx: JobContext, sector: int, nr_sectors: int, secure: bool) -> Outcome:

@@ -60,13 +60,12 @@ def test_mkfs_copy_fsck(scenario: Scenario) -> None:
 
 
 @pytest.mark.scenario("reboot")
-def test_reconnect_after_rebind_and_reboot(scenario: Scenario) -> None:
-    """A guest reboot (a new domain), then blkfront unbound and bound again (same domain):
-    the backend reconnects each time and the data written before is intact; the old
-    domain is released by Xen and its metrics series are gone."""
+def test_reconnect_after_guest_reboot(scenario: Scenario) -> None:
+    """A guest reboot (xl restarts it as a new domain): blkfront connects again to gblk and
+    the data written before the reboot is intact; Xen releases the old domain and its
+    metrics series are gone."""
     result = scenario()
-    ok = {s["name"] for s in result["steps"] if s["ok"]}
-    assert {"verify-after-reboot", "verify-after-rebind"} <= ok
+    assert "verify-after-reboot" in {s["name"] for s in result["steps"] if s["ok"]}
 
 
 @pytest.mark.scenario("attach_detach")

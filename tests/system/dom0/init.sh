@@ -50,6 +50,7 @@ stamp "payload exit rc=$?"
 xl list > "$R/logs/xl-list-final.txt" 2>&1
 xl dmesg > "$R/logs/xl-dmesg.txt" 2>&1
 dmesg > "$R/logs/dom0-dmesg.txt" 2>&1
+cp -r /var/log/xen "$R/logs/var-log-xen" 2>/dev/null
 sync
 stamp "poweroff"
 echo o > /proc/sysrq-trigger
