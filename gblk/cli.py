@@ -31,6 +31,8 @@ from gblk.errors import ConfigError, GblkError
 
 #: subcommands that run gevent code (and may import pyxs)
 _GEVENT_COMMANDS = frozenset({"serve", "demo", "sim", "bench"})
+#: subcommands whose arguments belong to the module they run
+_PASS_THROUGH = frozenset({"sim", "bench"})
 
 
 def _patch_gevent() -> None:
@@ -135,12 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("argv", nargs=argparse.REMAINDER, help="the component's own arguments")
     sim.set_defaults(func=_cmd_sim)
 
+    # every argument but --debug goes to gblk.bench's own parser (its --help too)
     bench = sub.add_parser(
-        "bench", parents=[common], help="run the benchmarks on the simulated host",
-        description="Run gblk's benchmarks; arguments go to gblk.bench.",
+        "bench", parents=[common], add_help=False, help="run the benchmarks on the simulated host",
     )
-    bench.add_argument("argv", nargs=argparse.REMAINDER, help="benchmark arguments")
-    bench.set_defaults(func=_cmd_bench)
+    bench.set_defaults(func=_cmd_bench, argv=[])
 
     config = sub.add_parser(
         "config", parents=[common], help="check the configuration and print the effective one",

@@ -96,8 +96,9 @@ class _Fail(Exception):
 class SimGrantMapping(GrantMapping):
     """Pages of one simulated domain mapped by ``SimGrantTable.map_grant_refs``.
 
-    Consecutive frames share one ``mmap``; ``pages[i]`` is a 4096-byte view of the
-    i-th ref's page. ``unmap()`` releases every view it handed out, then closes the
+    All refs share one reserved range (``contiguous``, as libxengnttab maps them),
+    each run of consecutive frames placed in it by one ``mmap``; ``pages[i]`` is a
+    4096-byte view of the i-th ref's page. ``unmap()`` releases every view it handed out, then closes the
     maps: if a view derived from ``pages`` is still alive the page stays mapped and
     pinned and GrantError says so (real Xen would leave a dangling pointer; here the
     engine bug is caught instead).

@@ -477,11 +477,12 @@ def op_rm(view: View, caller: Caller, payload: bytes) -> bytes:
     parent = view.get(parent_name)
     if parent is None:
         raise XsError(w.EINVAL)
-    # Fire while the permissions can still be seen.
-    view.fire(Fire(name, False, (node.perms, parent.perms)))
+    # Children first, as xenstored walks the tree: each removed descendant fires
+    # for watches placed exactly on it, the node itself for watches on it or above.
     for path, sub, sub_parent in list(_walk_post_order(view, name, node)):
         view.fire(Fire(path, True, (sub.perms, sub_parent.perms)))
         view.delete(path)
+    view.fire(Fire(name, False, (node.perms, parent.perms)))
     view.delete(name)
     base = basename(name)
     view.put(parent_name, replace(parent, children=tuple(c for c in parent.children if c != base)))

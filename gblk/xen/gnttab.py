@@ -147,6 +147,8 @@ class RealGrantMapping(GrantMapping):
             base.release()
             base = ro
         self._base = base
+        #: the whole region: libxengnttab maps the refs adjacently (multi-page rings)
+        self.contiguous: Optional[memoryview] = base
         self.pages: List[memoryview] = [
             base[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(count)
         ]

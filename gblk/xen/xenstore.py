@@ -102,6 +102,16 @@ def _errno_name(exc: BaseException) -> str:
     return "EIO"
 
 
+def _describe(exc: BaseException) -> str:
+    """A short reason: the strerror of the OSError behind ``exc`` if there is one."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
+
+
 def _require_gevent_patching() -> None:
     from gevent import monkey
 
@@ -121,6 +131,32 @@ def _pyxs() -> Any:
     return pyxs
 
 
+def _any_type_connection(base: Any) -> Any:
+    """``base`` (a pyxs connection class) receiving messages of any type.
+
+    pyxs 0.4.1 builds every incoming message with ``Packet(...)``, which rejects
+    types newer than pyxs (XS_DIRECTORY_PART's reply): its router would die.
+    """
+    pyxs = _pyxs()
+    packet = pyxs._internal.Packet
+
+    class AnyTypeConnection(base):
+        def recv(self) -> Any:
+            if not self.is_connected:
+                raise pyxs.ConnectionError("not connected")
+            try:
+                header = self.transport.recv(packet._struct.size)
+                op, rq_id, tx_id, size = packet._struct.unpack(header)
+                # A zero-length read would block on the xenbus device.
+                payload = self.transport.recv(size) if size else b""
+            except OSError as e:
+                self.close()
+                raise pyxs.ConnectionError(f"error while reading from {self.path!r}: {e}") from e
+            return packet._make((op, rq_id, tx_id, size, payload))
+
+    return AnyTypeConnection
+
+
 class _Target:
     """Where to reach xenstored: a Unix socket or the xenbus device."""
 
@@ -130,9 +166,8 @@ class _Target:
 
     def connection(self) -> Any:
         conn = _pyxs().connection
-        if self.kind == "unix":
-            return conn.UnixSocketConnection(self.path)
-        return conn.XenBusConnection(self.path)
+        base = conn.UnixSocketConnection if self.kind == "unix" else conn.XenBusConnection
+        return _any_type_connection(base)(self.path)
 
     def __str__(self) -> str:
         return self.path
@@ -164,7 +199,8 @@ class _Link:
         self.closing = False
         self._on_lost = on_lost
         self._packet = pyxs._internal.Packet
-        self._next_rq_id = pyxs._internal.next_rq_id
+        # Our own ids: pyxs's global counter outgrows the u32 req_id field.
+        self._rq_ids = itertools.count(1)
         self.router = pyxs.Router(target.connection())
         # Replace pyxs's router thread by one whose end we see (monkey-patched:
         # a greenlet).
@@ -236,7 +272,7 @@ class _Link:
                                 "E2BIG")
         if not self.alive or self.closing:
             raise _LinkDown(f"{what}: connection to {self.target} lost", "EIO")
-        rq_id = self._next_rq_id()
+        rq_id = next(self._rq_ids) & 0xFFFFFFFF
         # _make skips pyxs's checks (7-bit payloads, known ops): payloads may be
         # empty or binary, and XS_DIRECTORY_PART is newer than pyxs.
         packet = self._packet._make((op, rq_id, tx_id, len(payload), payload))
@@ -501,7 +537,7 @@ class PyxsXenStore(_Ops, XenStore):
             try:
                 return _Link(target, self.timeout, on_lost)
             except _LinkDown as e:
-                errors.append((target.path, str(e.__cause__ or e)))
+                errors.append((target.path, _describe(e)))
                 last = e
         self._last_errors = errors
         assert last is not None
@@ -524,7 +560,10 @@ class PyxsXenStore(_Ops, XenStore):
             self._link = link
             self.connections += 1
             if self._on_connect is not None:
-                self._on_connect()
+                try:
+                    self._on_connect()
+                except Exception:
+                    log.exception("on_connect callback failed")
             for sub in list(self._subs.values()):
                 try:
                     sub.arm(link)
@@ -579,7 +618,10 @@ class PyxsXenStore(_Ops, XenStore):
     def _count_event(self) -> None:
         self.watch_events += 1
         if self._on_watch_event is not None:
-            self._on_watch_event()
+            try:
+                self._on_watch_event()
+            except Exception:  # runs in pyxs's router: must not kill it
+                log.exception("on_watch_event callback failed")
 
     def _forget(self, sub: _Subscription) -> None:
         self._subs.pop(sub.token, None)

@@ -17,6 +17,9 @@ from typing import Callable, Dict, List, Optional, TypeVar
 
 import gevent
 
+from gblk.blkif.const import U32_MASK
+from gblk.blkif.ring import RSP_PROD
+from gblk.sim.frontend import Frontend
 from gblk.sim.host import BackendProcess, SimHost, child_env
 
 from .backend_support import SECTOR, pattern
@@ -112,6 +115,24 @@ def holds_domain(pid: int, host: SimHost, domid: int) -> List[str]:
     held = [p for p in mapped_paths(pid) if p.startswith(marker)]
     held += [p for p in open_paths(pid).values() if p.startswith(marker)]
     return held
+
+
+# -- rings ----------------------------------------------------------------------------------
+def unanswered_behind_rsp_prod(fe: Frontend) -> List[str]:
+    """Requests the guest still waits for whose slot lies before its ring's
+    ``rsp_prod``: a response has overwritten that slot (request and response
+    share it), so a backend attaching from ``rsp_prod`` can never see them again.
+    Empty when ``rsp_prod`` is an exact boundary: everything before it answered."""
+    fe.poll()  # take the responses already published
+    out = []
+    for q in fe.queues:
+        rsp_prod = q.ring.idx[RSP_PROD]
+        for part in q.outstanding.values():
+            behind = (rsp_prod - part.index) & U32_MASK
+            if 0 < behind <= q.ring.slots:
+                out.append(f"queue {q.index}: request at ring index {part.index} unanswered, "
+                           f"rsp_prod {rsp_prod}")
+    return out
 
 
 # -- metrics --------------------------------------------------------------------------

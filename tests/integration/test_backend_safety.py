@@ -41,7 +41,6 @@ from .lifecycle_support import (
     start_traced_daemon,
     syncs_of,
     traced_pid,
-    wait_until,
     writes_at,
 )
 
@@ -181,15 +180,15 @@ def test_flush_reaches_the_file():
             return any(before.end < s.start and s.end < after.start for s in syncs)
 
         # plain flush: the write before it was synced before the next write came
-        assert synced_between(write(8), write(16))
+        assert synced_between(write(8), write(16)), "flush: no fdatasync after the write before it"
         # flush with data: sync after the earlier write, then the data, then a sync
-        assert synced_between(write(24), write(32))
-        assert synced_between(write(32), write(40))
+        assert synced_between(write(24), write(32)), "flush with data: no sync before its data"
+        assert synced_between(write(32), write(40)), "flush with data: data not synced"
         # barrier with data: the same
-        assert synced_between(write(48), write(56))
-        assert synced_between(write(56), write(64))
+        assert synced_between(write(48), write(56)), "barrier: no sync before its data"
+        assert synced_between(write(56), write(64)), "barrier: data not synced"
         # barrier without data
-        assert synced_between(write(72), write(80))
+        assert synced_between(write(72), write(80)), "data-less barrier: no sync"
         host.destroy_guest(g)
 
 

@@ -216,3 +216,32 @@ def test_console_scripts_are_installed() -> None:
         assert shutil.which("gblk", path=str(bindir))
         code, out, _ = run([str(bindir / "gblk"), "--version"], dict(os.environ))
         assert code == 0 and out.startswith("gblk ")
+
+
+def test_bench_and_sim_arguments_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything after `gblk bench` / `gblk sim NAME` (options included, --help too)
+    reaches that module's own main(argv), on every Python version's argparse."""
+    import types
+
+    import gblk.sim
+
+    seen: List[Tuple[str, List[str]]] = []
+    bench = types.ModuleType("gblk.bench")
+    bench.main = lambda argv: seen.append(("bench", argv)) or 0  # type: ignore[attr-defined]
+    fake = types.ModuleType("gblk.sim.fake")
+    fake.main = lambda argv: seen.append(("sim", argv)) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "gblk.bench", bench)
+    monkeypatch.setitem(sys.modules, "gblk.sim.fake", fake)
+    monkeypatch.setattr(gblk.sim, "fake", fake, raising=False)
+    monkeypatch.setattr("gblk.logs.setup_logging", lambda *a, **k: None)  # keep pytest's logging
+    from gblk.cli import main
+
+    assert main(["bench", "--seconds", "1", "--json"]) == 0
+    assert main(["bench", "--debug", "--help"]) == 0
+    assert main(["sim", "fake", "--socket", "/x", "-E", "3"]) == 0
+    assert seen == [
+        ("bench", ["--seconds", "1", "--json"]),
+        ("bench", ["--help"]),
+        ("sim", ["--socket", "/x", "-E", "3"]),
+    ]
+    assert main(["serve", "--bogus"]) == 2

@@ -214,14 +214,17 @@ def test_page_granted_in_one_process_is_written_through_in_another(host):
 
 
 def test_several_grants_map_in_order_with_contiguous_frames_merged(host):
-    """pages[i] is the page of refs[i], whatever the frames' order, and adjacent
-    frames work as one region."""
+    """pages[i] is the page of refs[i], whatever the frames' order; ``contiguous``
+    holds them all adjacently (libxengnttab's one region)."""
     d, t = host["domid"], host["table"]
     pages = _grant_pages(host, 5)
     refs = [ref for _frame, ref in pages]
     order = [3, 0, 1, 2, 4]
     m = t.map_grant_refs(d, [refs[i] for i in order], writable=False)
     assert [m.pages[k][0] for k in range(5)] == [i + 1 for i in order]
+    # and all of them adjacent in one buffer, as a multi-page ring needs
+    assert [m.contiguous[k * PAGE_SIZE] for k in range(5)] == [i + 1 for i in order]
+    assert m.contiguous.readonly
     assert all(len(p) == PAGE_SIZE for p in m.pages)
     m.unmap()
 

@@ -1,5 +1,5 @@
 """Debian's xenstore-* tools (libxenstore, package xenstore-utils) against the
-simulated xsd, run as its own process: everything they do must behave as with
+simulated xenstored, run as its own process: everything they do must behave as with
 a real xenstored."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if not shutil.which("xenstore-write"):
 
 
 def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xsd --socket SOCK`, returned once it accepts."""
+    """`python -m gblk.sim.xenstored --socket SOCK`, returned once it accepts."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     rfd, wfd = os.pipe()
@@ -44,7 +44,7 @@ def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
     if not status.startswith(b"READY"):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"xsd did not start (exit {proc.returncode})")
+        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
     return proc
 
 
@@ -145,21 +145,27 @@ def test_chmod_and_permission_listing(xsd: str) -> None:
 
 def test_watch_reports_initial_and_later_events(xsd: str) -> None:
     """xenstore-watch gets the initial event, then one per change at or below the
-    watched path, including the removal of the node and of its children."""
+    watched path (not for a sibling sharing its prefix); removing a subtree fires
+    for the removed node and, for a watch placed on a removed child, for the child."""
     env = dict(os.environ, XENSTORED_PATH=xsd)
-    watcher = subprocess.Popen(["xenstore-watch", "-n", "4", "/t4"], env=env,
+    ok(xsd, "xenstore-write", "/t4/x", "0")
+    on_node = subprocess.Popen(["xenstore-watch", "-n", "3", "/t4"], env=env,
                                stdout=subprocess.PIPE, text=True)
+    on_child = subprocess.Popen(["xenstore-watch", "-n", "3", "/t4/x"], env=env,
+                                stdout=subprocess.PIPE, text=True)
     try:
-        assert watcher.stdout is not None
-        assert watcher.stdout.readline().strip() == "/t4"  # registered
-        ok(xsd, "xenstore-write", "/t4/x", "1")
+        assert on_node.stdout is not None and on_child.stdout is not None
+        assert on_node.stdout.readline().strip() == "/t4"  # registered
+        assert on_child.stdout.readline().strip() == "/t4/x"
         ok(xsd, "xenstore-write", "/t4-sibling", "not watched")
+        ok(xsd, "xenstore-write", "/t4/x", "1")
         ok(xsd, "xenstore-rm", "/t4")
-        rest = watcher.stdout.read()
-        assert watcher.wait(20) == 0
+        assert lines(on_node.stdout.read()) == ["/t4/x", "/t4"]
+        assert lines(on_child.stdout.read()) == ["/t4/x", "/t4/x"]
+        assert on_node.wait(20) == 0 and on_child.wait(20) == 0
     finally:
-        watcher.kill()
-    assert lines(rest) == ["/t4/x", "/t4", "/t4/x"]
+        on_node.kill()
+        on_child.kill()
 
 
 def test_relative_paths_are_under_dom0s_home(xsd: str) -> None:

@@ -135,6 +135,8 @@ def test_real_mapping_views_and_unmap_discipline():
     done = []
     m = xgnttab.RealGrantMapping(buf, 3, False, lambda: calls.append("unmap"), done.append)
     assert [len(p) for p in m.pages] == [PAGE_SIZE] * 3
+    assert m.contiguous is not None and len(m.contiguous) == 3 * PAGE_SIZE
+    assert m.contiguous.readonly
     assert all(p.readonly for p in m.pages)
     raw[PAGE_SIZE] = b"x"
     assert m.pages[1][0] == ord("x")
