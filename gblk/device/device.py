@@ -55,14 +55,6 @@ def _state(value: Optional[str]) -> Optional[int]:
     return n if 0 <= n <= 8 else S.UNKNOWN
 
 
-def _open_store(fmt: str, path: str, readonly: bool, direct: bool) -> Any:
-    """Threadpool job: the store, or the error to raise on the hub."""
-    try:
-        return open_store(fmt, path, readonly, direct)
-    except (GblkError, OSError) as e:
-        return e
-
-
 class Device:
     def __init__(self, ctx: DeviceContext, kind: str, domid: int, devid: int,
                  on_removed: Callable[["Device"], None]) -> None:
@@ -109,7 +101,10 @@ class Device:
         self._stop_rings(timeout)
         if self.store is not None:
             store, self.store = self.store, None
-            self.ctx.pool.apply(store.close)
+            try:
+                jobs.apply(self.ctx.pool, store.close)
+            except (GblkError, OSError) as e:
+                self.log.warning("closing the store: %s", e)
         if self.gnttab is not None:
             g, self.gnttab = self.gnttab, None
             g.close()
@@ -232,10 +227,7 @@ class Device:
         self._discard_enable = cfg.discard and xb.parse_bool(
             xs.read(f"{self.path}/{xb.DISCARD_ENABLE}"), default=True)
         if self.store is None:
-            got = self.ctx.pool.apply(_open_store, (fmt, path, self._readonly, self._direct))
-            if isinstance(got, BaseException):
-                raise got  # raised here, on the hub: the threadpool would print it
-            self.store = got
+            self.store = jobs.apply(self.ctx.pool, open_store, fmt, path, self._readonly, self._direct)
         if self.gnttab is None:
             self.gnttab = self.ctx.host.open_grant_table()
         offer = self._offer()
@@ -277,7 +269,7 @@ class Device:
         fe = self._frontend
         params = xb.parse_frontend(lambda k: ctx.xs.read(f"{fe}/{k}"), self._offer())
         mode = self._grant_mode(params.persistent)
-        size = ctx.pool.apply(store.size)
+        size = jobs.apply(ctx.pool, store.size)
         sectors = size // SECTOR_SIZE
         limits = self._limits(sectors)
         rctx = RingContext(
@@ -340,6 +332,9 @@ class Device:
         for w in rings:
             w.stop(timeout)
         if rings:
+            # the device's counters never go back: the stopped rings' counts live on
+            for rs in self.stats.rings.values():
+                self.stats.retired.absorb(rs)
             self.stats.rings.clear()
             self.stats.persistent_grants = 0
         self.attached = False
@@ -363,7 +358,7 @@ class Device:
         store = self.store
         if store is None:
             return
-        sectors = self.ctx.pool.apply(store.size) // SECTOR_SIZE
+        sectors = jobs.apply(self.ctx.pool, store.size) // SECTOR_SIZE
         if sectors == self.stats.sectors:
             return
         self.log.info("resized: %d -> %d sectors", self.stats.sectors, sectors)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ..blkif.abi import Segment, parse_indirect_segments
 from ..blkif.const import SECTOR_SHIFT, Op, Status
 from ..blkif.validate import DiskLimits, check_segments, indirect_pages
-from ..errors import GrantError, InvalidRequest
+from ..errors import GblkError, GrantError, InvalidRequest
 from ..storage import Store
 from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapping, GrantTable
 
@@ -273,6 +273,7 @@ def run_discard(ctx: JobContext, sector: int, nr_sectors: int, secure: bool) -> 
         ctx.store.discard(sector << SECTOR_SHIFT, nr_sectors << SECTOR_SHIFT, secure)
     except OSError as e:
         return out.fail("io_error", e.strerror or str(e))
+    out.nbytes = nr_sectors << SECTOR_SHIFT  # gblk_bytes_total{op="discard"}: bytes discarded
     return out
 
 
@@ -285,12 +286,27 @@ def unmap_all(mappings: Sequence[GrantMapping]) -> int:
     return n
 
 
-def map_ring(gnttab: GrantTable, domid: int, refs: Sequence[int]) -> GrantMapping:
-    return gnttab.map_grant_refs(domid, list(refs), True)
+class _Raised:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
 
 
-def store_size(store: Store) -> int:
-    return store.size()
+def _catching(fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    except (GblkError, OSError) as e:
+        return _Raised(e)
+
+
+def apply(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the threadpool, its GblkError or OSError raised here, on the
+    hub: gevent's threadpool would print the traceback of an exception a job raises."""
+    got = pool.apply(_catching, (fn, args))
+    if isinstance(got, _Raised):
+        raise got.error
+    return got
 
 
 def flush_only(store: Store) -> Optional[str]:

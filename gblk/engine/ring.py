@@ -8,6 +8,15 @@ Every request consumed from the ring lives in ``self.inflight`` (one table owned
 the ring, keyed by a private sequence number) until its response is written: every
 consumed request is answered exactly once, whatever was wrong with it. A broken
 producer index halts this ring only.
+
+Responses are written in the order the requests were consumed (a finished request
+waits in ``self._held`` for the ones before it). A response takes the slot at
+``rsp_prod_pvt``, which is the slot of the oldest unanswered request: written out of
+order it would overwrite a request still in flight, and a daemon killed then (SIGKILL,
+a crash) would leave that request lost for good. In order, every request at or after
+``rsp_prod`` is still in its slot, so a restarted gblk attaching from ``rsp_prod``
+serves them all. The price: a slow request delays the responses (not the IO) of the
+requests behind it on its ring.
 """
 
 from __future__ import annotations
@@ -113,6 +122,9 @@ class RingWorker:
         self._queue: Deque[_Pending] = collections.deque()
         self.inflight: Dict[int, _Pending] = {}
         self._seq = 0
+        #: seq -> packed response of a finished request waiting for earlier ones
+        self._held: Dict[int, bytes] = {}
+        self._next_answer = 1  # seq of the oldest request not yet written to the ring
         self._jobs = 0  # threadpool jobs running
         self._barrier = False  # a barrier job runs: dispatch nothing else
         self._stopping = False
@@ -128,7 +140,7 @@ class RingWorker:
         """Map the ring, bind the event channel, start serving. Raises GblkError
         (the device fails this connection); ``stop()`` cleans up after a half start."""
         ctx = self.ctx
-        self._ring_map = ctx.pool.apply(jobs.map_ring, (ctx.gnttab, ctx.domid, self.ring_refs))
+        self._ring_map = jobs.apply(ctx.pool, ctx.gnttab.map_grant_refs, ctx.domid, list(self.ring_refs), True)
         self.stats.grant_maps += len(self.ring_refs)
         if len(self._ring_map.pages) == 1:
             buf = self._ring_map.pages[0]
@@ -360,7 +372,7 @@ class RingWorker:
         self._answer(p, Status.OKAY, "", "")
 
     def _answer(self, p: _Pending, status: int, reason: str, detail: str) -> None:
-        """The only place a response is written: once per consumed request."""
+        """The only place a response is made: once per consumed request."""
         req = p.req
         del self.inflight[p.seq]
         st = self.stats
@@ -372,10 +384,21 @@ class RingWorker:
                 f"queue {self.queue}: request id={req.id} op={req.operation} "
                 f"sector={req.sector_number}: {detail or reason}"
             )
-        assert self.ring is not None
+        ring = self.ring
+        assert ring is not None
         # an INDIRECT request is answered with its indirect_op (as blkback does and
         # Linux's blkfront checks)
-        self.ring.put_response(self.ctx.abi.pack_response(req.id, effective_op(req), status))
+        rsp = self.ctx.abi.pack_response(req.id, effective_op(req), status)
+        if p.seq != self._next_answer:
+            self._held[p.seq] = rsp  # earlier requests still run: keep their slots intact
+            return
+        ring.put_response(rsp)
+        nxt = p.seq + 1
+        held = self._held
+        while nxt in held:
+            ring.put_response(held.pop(nxt))
+            nxt += 1
+        self._next_answer = nxt
 
     # -- persistent grants -----------------------------------------------------------
     def _unmap(self, mappings: List[GrantMapping], wait: bool) -> None:

@@ -60,6 +60,12 @@ class Histogram:
         self.sum += value
         self.count += 1
 
+    def merge(self, other: "Histogram") -> None:
+        """Add ``other``'s observations (same buckets) to these."""
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.sum += other.sum
+        self.count += other.count
+
     def cumulative(self) -> List[Tuple[str, int]]:
         """[(le, cumulative count)] including '+Inf', as Prometheus wants it."""
         out: List[Tuple[str, int]] = []
@@ -96,6 +102,22 @@ class RingStats:
     notifications_sent: int = 0
     halted: bool = False
 
+    def absorb(self, other: "RingStats") -> None:
+        """Add ``other``'s counters (not its gauges) to these: a device keeps the counts
+        of its stopped rings in ``DeviceStats.retired``, so its counters never go back."""
+        for mine, theirs in ((self.requests, other.requests), (self.bytes, other.bytes),
+                             (self.errors, other.errors)):
+            for k, v in theirs.items():
+                mine[k] += v
+        for op, h in other.latency.items():
+            self.latency[op].merge(h)
+        self.batches.merge(other.batches)
+        self.grant_maps += other.grant_maps
+        self.grant_unmaps += other.grant_unmaps
+        self.grant_copy_segments += other.grant_copy_segments
+        self.notifications_received += other.notifications_received
+        self.notifications_sent += other.notifications_sent
+
 
 @dataclass
 class DeviceStats:
@@ -113,6 +135,8 @@ class DeviceStats:
     #: device-level failures (storage could not be opened, negotiation failed)
     errors: DefaultDict[str, int] = field(default_factory=lambda: defaultdict(int))
     rings: Dict[int, RingStats] = field(default_factory=dict)
+    #: the counters of the rings of earlier connections (their gauges are gone)
+    retired: RingStats = field(default_factory=RingStats)
     #: monotonic time of the last state change (for "stuck" detection in /healthz)
     state_since: float = 0.0
 

@@ -50,7 +50,6 @@ from prometheus_client.utils import floatToGoString
 
 import gblk
 from gblk.engine.stats import (
-    BATCH_BUCKETS,
     LATENCY_BUCKETS,
     OPS,
     REASONS,
@@ -260,7 +259,8 @@ class GblkCollector:
     @staticmethod
     def _device(fam: _Families, dev: DeviceStats, labels: Tuple[str, str, str]) -> None:
         lab = list(labels)
-        rings: List[RingStats] = [dev.rings[k] for k in sorted(dev.rings)]
+        live: List[RingStats] = [dev.rings[k] for k in sorted(dev.rings)]
+        rings = [dev.retired] + live  # device counters: earlier connections' too
 
         for op in _ordered_keys(OPS, *(r.requests.keys() for r in rings), *(r.bytes.keys() for r in rings)):
             fam.requests.add_metric(lab + [op], sum(r.requests.get(op, 0) for r in rings))
@@ -283,7 +283,7 @@ class GblkCollector:
         fam.pgrants_limit.add_metric(lab, dev.persistent_grants_limit)
         fam.pgrant_evictions.add_metric(lab, dev.persistent_grant_evictions)
 
-        buckets, total = _merge_histograms([r.batches for r in rings] or [Histogram(BATCH_BUCKETS)])
+        buckets, total = _merge_histograms([r.batches for r in rings])
         fam.batches.add_metric(lab, buckets, total)
 
         fam.state.add_metric(lab, dev.state)
@@ -291,7 +291,7 @@ class GblkCollector:
         fam.size.add_metric(lab, dev.sectors * SECTOR_SIZE)
         fam.reconnects.add_metric(lab, dev.reconnects)
 
-        for ring in rings:
+        for ring in live:
             qlab = lab + [str(ring.queue)]
             fam.in_flight.add_metric(qlab, ring.in_flight)
             fam.pending.add_metric(qlab, ring.ring_fill)
@@ -331,6 +331,7 @@ def snapshot_stats(stats: DaemonStats) -> DaemonStats:
         d = copy.copy(dev)
         d.errors = dev.errors.copy()
         d.rings = {q: _copy_ring(r) for q, r in list(dev.rings.items())}
+        d.retired = _copy_ring(dev.retired)
         devices[key] = d
     out.devices = devices
     return out

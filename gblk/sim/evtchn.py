@@ -226,6 +226,8 @@ class SimEventChannel(EventChannel):
             remote = self._table(domid)
             with _locked_tables(self._own, remote):
                 rrec = remote.get(remote_port)
+                if rrec.state == ECS_INTERDOMAIN and rrec.remote_domid == self.domid:
+                    rrec = self._reap_dead_binding(remote, remote_port, rrec)
                 if rrec.state != ECS_UNBOUND:
                     raise EventChannelError(
                         f"bind to d{domid} port {remote_port}: port is not unbound (EINVAL)"
@@ -378,6 +380,31 @@ class SimEventChannel(EventChannel):
                         prec._replace(state=ECS_UNBOUND, remote_domid=self.domid, remote_port=0),
                     )
             self._own.put(port, FREE)
+
+    def _reap_dead_binding(self, remote: _PortTable, remote_port: int, rrec: PortRecord) -> PortRecord:
+        """``remote_port`` is bound to a port of our domain: if the handle that bound it
+        belongs to a process that died (SIGKILL), close that binding as the kernel's
+        evtchn driver does when the dead process's fd is released, so a restarted
+        backend can bind again. Both tables locked."""
+        lrec = self._own.get(rrec.remote_port)
+        if (lrec.state != ECS_INTERDOMAIN or lrec.remote_port != remote_port
+                or lrec.owner == self.handle_id or self._handle_alive(lrec.owner)):
+            return rrec
+        self._own.put(rrec.remote_port, FREE)
+        unbound = rrec._replace(state=ECS_UNBOUND, remote_domid=self.domid, remote_port=0)
+        remote.put(remote_port, unbound)
+        return unbound
+
+    def _handle_alive(self, handle_id: int) -> bool:
+        """Whether the handle's socket still exists (it goes with its process)."""
+        probe: socket.socket = original("socket", "socket")(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            probe.connect(_address(self._token, handle_id))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        finally:
+            probe.close()
+        return True
 
     def _collect(self) -> None:
         if not self._ports:

@@ -391,6 +391,35 @@ def test_dead_peer_process_does_not_break_notify(tmp_path):
     back.close()
 
 
+def test_binding_of_a_killed_backend_is_released_for_its_successor(tmp_path):
+    """A backend process killed with SIGKILL never unbinds; as the kernel's evtchn
+    driver closes a dead process's ports, a restarted backend can bind the guest's
+    port again, and notifications flow between the guest and the new backend. A
+    binding whose handle is alive is never taken away."""
+    d = next(_domids)
+    guest = SimEventChannel(str(tmp_path), d)
+    gport = guest.alloc_unbound(0)
+    dead = Child()
+    try:
+        pid = dead.call("open", str(tmp_path), 0)
+        dead.call("call", "bind_interdomain", d, gport)
+        live = SimEventChannel(str(tmp_path), 0)
+        with pytest.raises(EventChannelError, match="not unbound"):
+            live.bind_interdomain(d, gport)  # its owner still runs
+        os.kill(pid, 9)
+        dead.proc.wait(timeout=REPLY_DEADLINE)
+    finally:
+        dead.close()
+    bport = live.bind_interdomain(d, gport)
+    assert read_port(str(tmp_path), d, gport)[:4] == (ECS_INTERDOMAIN, 0, 0, bport)
+    assert live.pending() == bport  # the bind-time event
+    live.unmask(bport)
+    guest.notify(gport)
+    assert _wait(live) == bport
+    live.close()
+    guest.close()
+
+
 def test_greenlets_wait_on_several_handles(tmp_path, child):
     """Two backend handles waited on by two greenlets in one hub: each wakes for its
     own port only."""

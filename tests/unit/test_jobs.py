@@ -617,11 +617,19 @@ def test_discard_job_error_is_an_outcome(rig: Rig) -> None:
 
 
 def test_helpers(rig: Rig) -> None:
-    """map_ring maps the ring pages writable; unmap_all unmaps and counts; flush_only
-    turns an OSError into its message; store_size reads the store."""
-    m = jobs.map_ring(rig.gt, DOMID, rig.refs[:2])
-    assert rig.gt.map_calls[-1] == (tuple(rig.refs[:2]), True)
+    """unmap_all unmaps and counts; flush_only turns an OSError into its message;
+    apply runs a call in the threadpool and raises its GblkError/OSError on the hub
+    (a job that raised would have gevent print a traceback)."""
+    import gevent.threadpool
+
+    m = rig.gt.map_grant_refs(DOMID, rig.refs[:2], True)
     assert jobs.unmap_all([m]) == 1 and rig.gt.live == 0
     assert jobs.flush_only(rig.store) is None
     assert jobs.flush_only(RecordingStore(fail="flush")) == "flush failed"
-    assert jobs.store_size(rig.store) == DISK_BYTES
+    pool = gevent.threadpool.ThreadPool(1)
+    try:
+        assert jobs.apply(pool, rig.store.size) == DISK_BYTES
+        with pytest.raises(OSError, match="flush failed"):
+            jobs.apply(pool, RecordingStore(fail="flush").flush)
+    finally:
+        pool.kill()
