@@ -8,8 +8,6 @@ waits, with or without monkey-patching.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
 import socket
 import subprocess
 import urllib.error
@@ -18,6 +16,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import gevent
 import pytest
+
+from .host_tools import require_tool
 from prometheus_client.parser import text_string_to_metric_families
 
 from gblk.engine.stats import DaemonStats, DeviceStats, RingStats
@@ -43,12 +43,7 @@ def _fetch(url: str, method: str = "GET", headers: Optional[Dict[str, str]] = No
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: install Debian's prometheus package")
-        pytest.skip("promtool not installed (Debian package: prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def _stats() -> DaemonStats:

@@ -15,12 +15,12 @@ each test uses guests of its own and looks only at their ``domain`` label.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from typing import Callable, Dict, Iterator, Tuple
 
 import pytest
+
+from .host_tools import require_tool
 
 from gblk.blkif.abi import Request
 from gblk.blkif.const import Op, Status
@@ -447,12 +447,7 @@ def test_series_of_a_destroyed_guest_vanish(served: Tuple[SimHost, str]) -> None
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: install Debian's prometheus package")
-        pytest.skip("promtool not installed (Debian package: prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def test_promtool_is_clean_and_healthz_ok_while_serving(served: Tuple[SimHost, str]) -> None:

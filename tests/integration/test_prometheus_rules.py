@@ -3,24 +3,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import List
 
-import pytest
+
+from .host_tools import require_tool
 
 KIT = Path(__file__).resolve().parents[2] / "monitoring"
 
 
 def _promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: install Debian's prometheus package")
-        pytest.skip("promtool not installed (Debian package: prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def _run(args: List[str]) -> str:

@@ -16,9 +16,7 @@ When the simulated host and ``gblk demo`` exist, the same harness
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -30,6 +28,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import gevent
 import pytest
+
+from .host_tools import require_tool
 
 from gblk.engine.stats import DaemonStats, DeviceStats, RingStats
 from gblk.metrics import MetricsServer, make_registry, stats_health
@@ -221,12 +221,7 @@ class Workload:
 
 
 def _binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is missing: install Debian's prometheus package")
-        pytest.skip("prometheus not installed (Debian package: prometheus)")
-    return path
+    return require_tool("prometheus", "prometheus")
 
 
 @pytest.fixture(scope="module")

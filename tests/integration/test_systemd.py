@@ -4,12 +4,13 @@ overall exposure at 2.5 or less, and the unit agrees with what gblk does."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import List, Tuple
 
 import pytest
+
+from .host_tools import require_tool
 
 from gblk.config import Config
 
@@ -18,10 +19,11 @@ UNIT = REPO / "systemd" / "gblk.service"
 INSTALLED_GBLK = "/usr/local/bin/gblk"
 MAX_EXPOSURE = 2.5
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze is not installed (apt-get install systemd)",
-)
+
+
+@pytest.fixture
+def needs_analyze() -> None:
+    require_tool("systemd-analyze", "systemd")
 
 
 def parse_unit(text: str) -> List[Tuple[str, str, str]]:
@@ -68,7 +70,7 @@ def unit_copy(tmp_path: Path) -> Path:
     return path
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_unit_verifies_clean(unit_copy: Path) -> None:
     """`systemd-analyze verify` reports nothing: no unknown keys, no bad values, the
     commands exist, referenced units are well-formed."""
@@ -80,7 +82,7 @@ def test_unit_verifies_clean(unit_copy: Path) -> None:
     assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr
 
 
-@needs_analyze
+@pytest.mark.usefixtures("needs_analyze")
 def test_unit_exposure_is_at_most_2_5(unit_copy: Path) -> None:
     """`systemd-analyze security --offline=true` scores the hardening; gblk needs
     root for /dev/xen and the xenstored socket, and the network for /metrics, but

@@ -22,34 +22,11 @@ from typing import Iterator, List, Set  # noqa: E402
 import pytest  # noqa: E402
 
 from gblk.errors import XenError, XenStoreError, XenUnavailable  # noqa: E402
+from gblk.sim.host import child_env  # noqa: E402
 from gblk.xen.interfaces import XenStoreOps  # noqa: E402
 from gblk.xen.xenstore import PyxsXenStore  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def child_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def start_xenstored(sock: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xenstored --socket SOCK`, returned once it accepts."""
-    rfd, wfd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gblk.sim.xenstored", "--socket", sock, "--ready-fd", str(wfd)],
-        pass_fds=(wfd,), env=child_env(),
-    )
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as ready:
-        status = ready.readline()  # b"" if it died first
-    if not status.startswith(b"READY"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
-    return proc
-
+from .xenstored_support import start_xenstored  # noqa: E402
 
 def stop(proc: "subprocess.Popen[bytes]") -> None:
     if proc.poll() is None:

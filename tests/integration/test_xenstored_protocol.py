@@ -9,15 +9,13 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .xenstored_support import start_xenstored
+
 HEADER = struct.Struct("=IIII")
 
 XS_DIRECTORY, XS_READ, XS_GET_PERMS, XS_WATCH, XS_UNWATCH = 1, 2, 3, 4, 5
@@ -27,26 +25,6 @@ XS_WATCH_EVENT, XS_ERROR, XS_IS_DOMAIN_INTRODUCED, XS_SET_TARGET = 15, 16, 17, 1
 XS_RESET_WATCHES = 21
 
 Msg = Tuple[int, int, int, bytes]
-
-
-def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xenstored --socket SOCK ...`, returned once it accepts."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    rfd, wfd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gblk.sim.xenstored", "--socket", sock,
-         "--ready-fd", str(wfd), *extra],
-        pass_fds=(wfd,), env=env,
-    )
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as ready:
-        status = ready.readline()  # b"" if it died first
-    if not status.startswith(b"READY"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
-    return proc
 
 
 class Raw:

@@ -9,43 +9,24 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
-from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from .host_tools import require_tool
+from .xenstored_support import start_xenstored
+
 HEADER = struct.Struct("=IIII")
 XS_ERROR = 16
 XS_INTRODUCE = 8
 XS_SET_PERMS = 14
 XS_MKDIR = 12
 
-if not shutil.which("xenstore-write"):
-    pytest.skip("Debian's xenstore-utils is not installed (apt-get install xenstore-utils;"
-                " .ci/run installs it)", allow_module_level=True)
 
-
-def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xenstored --socket SOCK`, returned once it accepts."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    rfd, wfd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gblk.sim.xenstored", "--socket", sock,
-         "--ready-fd", str(wfd), *extra],
-        pass_fds=(wfd,), env=env,
-    )
-    os.close(wfd)
-    with os.fdopen(rfd, "rb") as ready:
-        status = ready.readline()  # b"" if it died first
-    if not status.startswith(b"READY"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
-    return proc
+@pytest.fixture(autouse=True)
+def _tools() -> None:
+    require_tool("xenstore-write", "xenstore-utils")
 
 
 class Raw:
