@@ -19,6 +19,8 @@ from gblk.xen import barrier
 from gblk.xen.interfaces import XenHost, XenStore
 
 XENSTORED_SOCKET = "xenstored.sock"
+#: the simulated sysfs directory of the kernel's xen-blkback module
+SYS_BLKBACK = os.path.join("sys", "module", "xen_blkback")
 
 
 class SimXenHost(XenHost):
@@ -45,6 +47,11 @@ class SimXenHost(XenHost):
 
     def fence(self) -> Callable[[], None]:
         return barrier.fence
+
+    def blkback_loaded(self) -> bool:
+        """As on a real host, by the module's sysfs directory: ``DIR/sys/module/xen_blkback``
+        (a test creates it to play a host where the kernel's blkback is loaded)."""
+        return os.path.isdir(os.path.join(self.dir, SYS_BLKBACK))
 
     def __repr__(self) -> str:
         return f"SimXenHost({self.dir!r}, domid={self.domid})"

@@ -161,6 +161,42 @@ def test_serve_stops_cleanly_on_signal(
         stop_process(proc)
 
 
+def test_serve_refuses_vbd_while_kernel_blkback_is_loaded(
+    tmp_path: Path, xenstored: str, gblk_cmd: List[str], child_env: dict
+) -> None:
+    """With the kernel's xen-blkback loaded (it claims every vbd disk) `gblk serve
+    --kinds vbd` refuses to start: exit 2, one line that says what to do, no
+    traceback. qdisk alone still starts on the same host."""
+    (tmp_path / "sys" / "module" / "xen_blkback").mkdir(parents=True)
+    empty = tmp_path / "e.toml"
+    empty.write_text("")
+    base = gblk_cmd + ["serve", "--config", str(empty), "--xen", f"sim:{tmp_path}",
+                       "--metrics-address", "127.0.0.1:0"]
+    proc = subprocess.run(base + ["--kinds", "qdisk,vbd"], env=child_env, capture_output=True,
+                          text=True, timeout=PROCESS_DEADLINE)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gblk: "), proc.stderr
+    assert "xen-blkback" in lines[0] and "modprobe -r xen-blkback" in lines[0]
+    notify_dir = tmp_path / "n"
+    notify_dir.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_dir / "sock"))
+    listener.settimeout(PROCESS_DEADLINE)
+    served = subprocess.Popen(base + ["--kinds", "qdisk"],
+                              env=dict(child_env, NOTIFY_SOCKET=str(notify_dir / "sock")),
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while b"READY=1" not in listener.recv(4096):
+            pass
+        served.send_signal(signal.SIGTERM)
+        _, err = served.communicate(timeout=PROCESS_DEADLINE)
+        assert served.returncode == 0, err.decode()
+    finally:
+        listener.close()
+        stop_process(served)
+
+
 # --- usage ------------------------------------------------------------------------------
 
 
