@@ -94,7 +94,7 @@ def guest_initrds(images: Path, dest: Path) -> Dict[str, int]:
     return sizes
 
 
-def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: int, pair_duration: int) -> Path:
+def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: int) -> Path:
     share = run_dir / "share"
     if share.exists():
         shutil.rmtree(share)
@@ -118,7 +118,6 @@ def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: in
         "payload_timeout": payload_timeout,
         "timeouts": {"create": 180, "guest": 300, "gblk_start": 90},
         "bench_runtime": bench_runtime,
-        "pair_duration": pair_duration,
         "guest_initrd_bytes": sizes,
     }
     (share / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -204,7 +203,7 @@ def new_run_dir() -> Path:
 
 
 def run(scenarios: List[str], kvm: bool = False, out: Optional[Path] = None,
-        bench_runtime: int = 10, pair_duration: int = 75) -> BootResult:
+        bench_runtime: int = 10) -> BootResult:
     """Build (or reuse) the images, boot once, run ``scenarios``; results in the returned dir."""
     unknown = [s for s in scenarios if s.partition("@")[0] not in BUDGETS or s.partition("@")[2] not in ("", "blkback")]
     if unknown:
@@ -213,7 +212,7 @@ def run(scenarios: List[str], kvm: bool = False, out: Optional[Path] = None,
     images = build.ensure_images()
     build_s = time.monotonic() - t0
     run_dir = out or new_run_dir()
-    share = prepare(run_dir, images, scenarios, bench_runtime, pair_duration)
+    share = prepare(run_dir, images, scenarios, bench_runtime)
     result = boot(images, share, kvm)
     summary = json.loads((share / "results" / "run.json").read_text())
     summary["images"] = str(images)
