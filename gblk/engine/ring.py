@@ -10,7 +10,8 @@ consumed request is answered exactly once, whatever was wrong with it. A broken
 producer index halts this ring only.
 
 Responses are written in the order the requests were consumed (a finished request
-waits in ``self._held`` for the ones before it). A response takes the slot at
+waits in ``self._held`` for the ones before it), once per pass, right before
+``rsp_prod`` is published. A response takes the slot at
 ``rsp_prod_pvt``, which is the slot of the oldest unanswered request: written out of
 order it would overwrite a request still in flight, and a daemon killed then (SIGKILL,
 a crash) would leave that request lost for good. In order, every request at or after
@@ -240,7 +241,7 @@ class RingWorker:
                 for raw in raws:
                     self._accept(raw, now)
         self._dispatch()
-        if ring.push_responses():
+        if self._publish():
             evtchn.notify(self.port)
             st.notifications_sent += 1
         st.in_flight = len(self.inflight)
@@ -384,21 +385,24 @@ class RingWorker:
                 f"queue {self.queue}: request id={req.id} op={req.operation} "
                 f"sector={req.sector_number}: {detail or reason}"
             )
-        ring = self.ring
-        assert ring is not None
         # an INDIRECT request is answered with its indirect_op (as blkback does and
         # Linux's blkfront checks)
-        rsp = self.ctx.abi.pack_response(req.id, effective_op(req), status)
-        if p.seq != self._next_answer:
-            self._held[p.seq] = rsp  # earlier requests still run: keep their slots intact
-            return
-        ring.put_response(rsp)
-        nxt = p.seq + 1
+        self._held[p.seq] = self.ctx.abi.pack_response(req.id, effective_op(req), status)
+
+    def _publish(self) -> bool:
+        """Write the responses that are next in ring order, make them visible; whether
+        to notify. The slots are written only here, right before ``rsp_prod`` moves:
+        a response written into a slot is the end of the request that lay there, so
+        between the two a killed gblk would lose it."""
+        ring = self.ring
+        assert ring is not None
         held = self._held
+        nxt = self._next_answer
         while nxt in held:
             ring.put_response(held.pop(nxt))
             nxt += 1
         self._next_answer = nxt
+        return ring.push_responses()
 
     # -- persistent grants -----------------------------------------------------------
     def _unmap(self, mappings: List[GrantMapping], wait: bool) -> None:
