@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple, TypeVar
 
 import gevent
 import gevent.event
+import pytest
 
 from gblk.blkif.const import PAGE_SIZE, Status
 from gblk.sim.frontend import Frontend, FrontendOptions, IoResult
@@ -352,3 +353,37 @@ def expect(result: gevent.event.AsyncResult, status: int, what: str) -> IoResult
 OKAY = int(Status.OKAY)
 ERROR = int(Status.ERROR)
 EOPNOTSUPP = int(Status.EOPNOTSUPP)
+
+
+# ---------------------------------------------------------------------------------
+# the fixtures of the hostile suites (imported by each test module)
+class Env:
+    """One simulated host, one daemon, and a bystander guest whose disk must keep
+    working whatever the hostile guest of a test does."""
+
+    def __init__(self, host: SimHost, daemon: Daemon, bystander: "Bystander") -> None:
+        self.host = host
+        self.daemon = daemon
+        self.bystander = bystander
+
+
+def hostile_env(name: str) -> Iterator[Env]:
+    """The body of a module's ``env`` fixture: a daemon called ``name`` serving qdisk."""
+    with SimHost() as host:
+        d = launch(host, name, '[daemon]\nkinds = ["qdisk"]\n')
+        try:
+            by = make_guest(host, max_ring_page_order=0, max_queues=1)
+            yield Env(host, d, Bystander(by.frontend))
+        finally:
+            d.stop()
+
+
+@pytest.fixture(autouse=True)
+def after_each(env: Env) -> Iterator[None]:
+    """After every test: the daemon is alive, logged no failure of its own, and the
+    bystander's disk still works. Its log is printed when a test fails."""
+    start = len(env.daemon.log_text())
+    yield
+    print(env.daemon.log_text()[start:][-8000:])
+    env.daemon.assert_sane()
+    env.bystander.check_once()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from typing import List
+from typing import Iterator, List
 
 import gevent
 import pytest
@@ -24,7 +24,10 @@ from gblk.sim.frontend import FrontendError, FrontendOptions
 from gblk.sim.host import SimHost
 
 from .backend_support import pattern
-from .hostile_support import (
+from .hostile_support import (  # noqa: F401 - after_each: an autouse fixture
+    Env,
+    after_each,
+    hostile_env,
     ERROR,
     MiB,
     OKAY,
@@ -48,27 +51,8 @@ S = XenbusState
 
 
 @pytest.fixture(scope="module")
-def env():
-    with SimHost() as host:
-        d = launch(host, "life", '[daemon]\nkinds = ["qdisk"]\n')
-        try:
-            by = make_guest(host, max_ring_page_order=0, max_queues=1)
-            host.daemon = d
-            host.bystander = Bystander(by.frontend)
-            yield host
-        finally:
-            d.stop()
-
-
-@pytest.fixture(autouse=True)
-def after_each(env):
-    """After every test: the daemon is alive, logged no failure of its own, and the
-    bystander's disk still works. Its log is printed when a test fails."""
-    start = len(env.daemon.log_text())
-    yield
-    print(env.daemon.log_text()[start:][-8000:])
-    env.daemon.assert_sane()
-    env.bystander.check_once()
+def env() -> Iterator[Env]:
+    yield from hostile_env("life")
 
 
 def options(**kw) -> FrontendOptions:
@@ -102,12 +86,12 @@ def test_xsa142_read_only_disk_refuses_every_write(env, mode, device_type):
     DISCARD (plain and secure, though never offered) is answered ERROR and the image
     file is not changed by a single byte; reads and data-less flushes are served."""
     d = env.daemon
-    image = os.path.join(env.dir, f"ro-{mode}-{device_type}.img")
+    image = os.path.join(env.host.dir, f"ro-{mode}-{device_type}.img")
     content = pattern(9, 4 * MiB)
     with open(image, "wb") as f:
         f.write(content)
     mtime = os.stat(image).st_mtime_ns
-    g = env.create_guest(image=image, mode=mode, device_type=device_type, options=options())
+    g = env.host.create_guest(image=image, mode=mode, device_type=device_type, options=options())
     fe = g.frontend
     assert fe.disk.readonly and not fe.disk.discard
     refused = [
@@ -144,7 +128,7 @@ def test_xsa331_332_event_storm_and_state_flapping(env):
     answered once (Closing keeps serving), and afterwards the hostile guest can close
     cleanly and connect again. Daemon CPU time over the flood is reported."""
     d = env.daemon
-    g = make_guest(env, max_ring_page_order=0, max_queues=1, persistent=False)
+    g = make_guest(env.host, max_ring_page_order=0, max_queues=1, persistent=False)
     fe = g.frontend
     by = env.bystander.start()
     gevent.sleep(0.2)
@@ -191,7 +175,7 @@ def test_xsa331_332_event_storm_and_state_flapping(env):
     assert by_flaps > 0, "the other guest got no service while this one flapped its state"
     for r in hostile:
         assert r.get(timeout=WAIT).status == OKAY
-    assert backend_state(env, fe) in (S.CONNECTED, S.CLOSING)
+    assert backend_state(env.host, fe) in (S.CONNECTED, S.CLOSING)
     samples = d.scrape()
     received = dev_metric(samples, "gblk_notifications_received_total", fe)
     d.assert_sane()
@@ -220,7 +204,7 @@ def test_xsa349_node_rewrites_keep_memory_bounded(env):
     The daemon's RSS stays bounded (< +50 MiB), it never re-reads connect-time nodes
     while connected, and the disk keeps working; a new connection works after."""
     d = env.daemon
-    g = make_guest(env, max_ring_page_order=0, max_queues=1)
+    g = make_guest(env.host, max_ring_page_order=0, max_queues=1)
     fe = g.frontend
     writes = Counter()
 
@@ -275,7 +259,7 @@ def test_xsa349_node_rewrites_keep_memory_bounded(env):
     figure("xsa349_rss", f"daemon RSS {rss0 / MiB:.1f} MiB -> {rss1 / MiB:.1f} MiB "
            f"after {sum(n.values())} node writes in 3 s ({n}); bus watch events {events:.0f}")
     assert rss1 - rss0 < 50 * MiB
-    assert backend_state(env, fe) == S.CONNECTED
+    assert backend_state(env.host, fe) == S.CONNECTED
     check_clean(fe)
     fe.close()
     fe.reconnect()
@@ -291,7 +275,7 @@ def test_xsa350_disconnect_before_the_backend_started(env):
     then a gblk starts and finds them that way. It does not fail: the closed one goes
     to InitWait (or Closed) and connects when the guest comes back, the one without
     a frontend goes Closed, and closing twice again is harmless."""
-    host = env
+    host = env.host
     g = host.create_guest(size=8 * MiB, kind="vbd3", options=options(), connect=False)
     fe = g.frontend
     fe2 = host.add_disk(g, 51728, size=8 * MiB, kind="vbd3", options=options(), connect=False)
@@ -334,15 +318,15 @@ def test_xsa350_disconnect_in_initwait(env):
     """XSA-350, in InitWait: the guest closes (twice) before ever writing its ring
     nodes, and again after coming back; gblk goes Closed, then InitWait again, and
     finally connects and serves."""
-    g = env.create_guest(size=8 * MiB, options=options(), connect=False)
+    g = env.host.create_guest(size=8 * MiB, options=options(), connect=False)
     fe = g.frontend
     for _ in range(2):
-        wait_backend(env, fe, S.INIT_WAIT)
+        wait_backend(env.host, fe, S.INIT_WAIT)
         fe.set_state(S.CLOSED)
         fe.set_state(S.CLOSED)
-        wait_backend(env, fe, S.CLOSED)
+        wait_backend(env.host, fe, S.CLOSED)
         fe.set_state(S.INITIALISING)
-    wait_backend(env, fe, S.INIT_WAIT)
+    wait_backend(env.host, fe, S.INIT_WAIT)
     fe.connect()
     verified_io(fe, 1)
     close_without_leaks(fe)
@@ -354,12 +338,12 @@ def test_xsa350_disconnect_while_connecting(env):
     rounds; then twice more without freezing gblk, racing its connect. gblk never
     fails, never keeps a ring mapped, and the guest connects for real afterwards."""
     d = env.daemon
-    g = env.create_guest(size=8 * MiB, options=options(), connect=False)
+    g = env.host.create_guest(size=8 * MiB, options=options(), connect=False)
     fe = g.frontend
     for rnd in range(4):
         if rnd:
             fe.set_state(S.INITIALISING)
-        wait_backend(env, fe, S.INIT_WAIT)
+        wait_backend(env.host, fe, S.INIT_WAIT)
         racing = rnd >= 2
         ctx = frozen(d) if not racing else _nothing()
         with ctx:
@@ -373,13 +357,13 @@ def test_xsa350_disconnect_while_connecting(env):
             pass
         if fe.connected:  # the race went gblk's way: it connected first
             fe.close()
-        wait_backend(env, fe, S.CLOSED)
+        wait_backend(env.host, fe, S.CLOSED)
         if not racing:
             assert not fe.connected
         eventually(fe.retry_grants, lambda n: n == 0, "ring grants still mapped")
         assert fe.grants_in_use() == 0
     fe.set_state(S.INITIALISING)
-    wait_backend(env, fe, S.INIT_WAIT)
+    wait_backend(env.host, fe, S.INIT_WAIT)
     fe.connect()
     verified_io(fe, 1)
     close_without_leaks(fe)
@@ -399,7 +383,7 @@ def test_xsa350_disconnect_with_io_in_flight(env):
     grants, and once more through an orderly close. Every request gblk took is
     answered exactly once before it reports Closed, nothing stays mapped, and the
     guest reconnects and is served each time."""
-    g = make_guest(env, max_ring_page_order=0, max_queues=1, persistent=False)
+    g = make_guest(env.host, max_ring_page_order=0, max_queues=1, persistent=False)
     fe = g.frontend
     answered = Counter()
     for rnd in range(3):
@@ -418,7 +402,7 @@ def test_xsa350_disconnect_with_io_in_flight(env):
             fe.close()
             for r in wait_all(rs):
                 answered["lost" if r.lost else r.status] += 1
-        wait_backend(env, fe, S.CLOSED)
+        wait_backend(env.host, fe, S.CLOSED)
         check_clean(fe)
         eventually(fe.retry_grants, lambda n: n == 0, "grants still mapped after Closed")
         fe.options.persistent = rnd == 0  # the next round over persistent grants, then map
@@ -433,7 +417,7 @@ def test_xsa350_double_close(env):
     """XSA-350, double disconnect: close, close again, and write Closed twice more
     while gblk is already Closed; twice over. Harmless: gblk stays Closed and the
     guest reconnects."""
-    g = make_guest(env, max_ring_page_order=0, max_queues=1)
+    g = make_guest(env.host, max_ring_page_order=0, max_queues=1)
     fe = g.frontend
     for rnd in range(2):
         verified_io(fe, rnd)
@@ -441,7 +425,7 @@ def test_xsa350_double_close(env):
         fe.close()
         fe.set_state(S.CLOSED)
         fe.set_state(S.CLOSED)
-        wait_backend(env, fe, S.CLOSED)
+        wait_backend(env.host, fe, S.CLOSED)
         close_without_leaks(fe)
         fe.reconnect()
     verified_io(fe, 9)
@@ -455,9 +439,9 @@ def test_xsa350_directories_removed_twice(env, first):
     the same domain. gblk answers what it took, releases every mapping, drops the
     device's metric series, and serves a disk attached again under the same name."""
     d = env.daemon
-    g = make_guest(env, max_ring_page_order=0, max_queues=1, persistent=first == "backend")
+    g = make_guest(env.host, max_ring_page_order=0, max_queues=1, persistent=first == "backend")
     fe = g.frontend
-    ts = env.toolstack
+    ts = env.host.toolstack
     for rnd in range(2):
         rs = [fe.submit_write(i * 8, pattern(i, PAGE_SIZE)) for i in range(16)]
         rs += [fe.submit_read(512, 32 * 8) for _ in range(8)]
@@ -478,7 +462,7 @@ def test_xsa350_directories_removed_twice(env, first):
         ts.disks.pop((fe.domid, fe.devid), None)
         ts.attach_disk(fe.domid, g.image, devid=fe.devid)
         fe.stop()
-        fe = env.frontend(g.domain, fe.devid, options(persistent=first == "backend"))
+        fe = env.host.frontend(g.domain, fe.devid, options(persistent=first == "backend"))
         g.extra.append(fe)
         fe.connect()
         verified_io(fe, rnd + 1)
@@ -507,27 +491,27 @@ def test_garbage_connect_nodes_fail_only_that_connection(env):
     nothing mapped or bound), the daemon carries on, and the guest connects properly
     afterwards."""
     d = env.daemon
-    g = env.create_guest(size=8 * MiB, options=options(), connect=False)
+    g = env.host.create_guest(size=8 * MiB, options=options(), connect=False)
     fe = g.frontend
     failed = 0
     for what, (key, value) in GARBAGE.items():
         if fe.state != S.INITIALISING:
             fe.set_state(S.INITIALISING)
-        wait_backend(env, fe, S.INIT_WAIT)
+        wait_backend(env.host, fe, S.INIT_WAIT)
         with frozen(d):
             c = gevent.spawn(fe.connect)
             eventually(lambda: fe.state, lambda s, c=c: s == S.INITIALISED or c.dead, "Initialised")
             fe.write_node(key, value)
         with pytest.raises(FrontendError):
             c.get(timeout=WAIT)
-        wait_backend(env, fe, S.CLOSED)
-        assert env.xs.read(g.disk.backend_path + "/hotplug-status") == "error", what
+        wait_backend(env.host, fe, S.CLOSED)
+        assert env.host.xs.read(g.disk.backend_path + "/hotplug-status") == "error", what
         failed += 1
         eventually(fe.retry_grants, lambda n: n == 0, f"{what}: ring still mapped")
         assert fe.grants_in_use() == 0, what
         fe.remove_node(key)
     fe.set_state(S.INITIALISING)
-    wait_backend(env, fe, S.INIT_WAIT)
+    wait_backend(env.host, fe, S.INIT_WAIT)
     fe.connect()
     verified_io(fe, 1)
     s = d.scrape()

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import gevent
 import pytest
 
 from gblk.blkif.abi import Request, Segment
 from gblk.blkif.const import PAGE_SIZE, Op
-from gblk.sim.host import SimHost
 
 from .backend_support import file_bytes, pattern
-from .hostile_support import (
+from .hostile_support import (  # noqa: F401 - after_each: an autouse fixture
+    Env,
+    after_each,
+    hostile_env,
     EOPNOTSUPP,
     ERROR,
     OKAY,
@@ -40,33 +42,9 @@ from .hostile_support import (
 )
 
 
-class Env:
-    def __init__(self, host: SimHost, daemon: Daemon, bystander: Bystander) -> None:
-        self.host = host
-        self.daemon = daemon
-        self.bystander = bystander
-
-
 @pytest.fixture(scope="module")
-def env():
-    with SimHost() as host:
-        d = launch(host, "ring", '[daemon]\nkinds = ["qdisk"]\n')
-        try:
-            by = make_guest(host, max_ring_page_order=0, max_queues=1)
-            yield Env(host, d, Bystander(by.frontend))
-        finally:
-            d.stop()
-
-
-@pytest.fixture(autouse=True)
-def after_each(env):
-    """After every test: the daemon is alive, logged no failure of its own, and the
-    bystander's disk still works. Its log is printed when a test fails."""
-    start = len(env.daemon.log_text())
-    yield
-    print(env.daemon.log_text()[start:][-8000:])
-    env.daemon.assert_sane()
-    env.bystander.check_once()
+def env() -> Iterator[Env]:
+    yield from hostile_env("ring")
 
 
 # ---------------------------------------------------------------------------------
