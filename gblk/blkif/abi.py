@@ -161,11 +161,7 @@ class Abi:
 
 def parse_indirect_segments(pages: bytes, count: int) -> Tuple[Segment, ...]:
     """The first ``count`` segment descriptors of a private copy of the indirect pages."""
-    out = []
-    for i in range(count):
-        gref, first, last = SEGMENT.unpack_from(pages, i * SEGMENT_SIZE)
-        out.append(Segment(gref, first, last))
-    return tuple(out)
+    return tuple(map(Segment._make, SEGMENT.iter_unpack(memoryview(pages)[:count * SEGMENT_SIZE])))
 
 
 def pack_indirect_segments(segments: Tuple[Segment, ...]) -> bytes:
