@@ -96,6 +96,8 @@ def test_xsa155_slot_rewritten_after_publishing(env):
             if not kicked and time.perf_counter() - t0 > 0.001:
                 fe.notify(0)
                 kicked = True
+        if not kicked:  # this process lost the CPU for the whole 3 ms: kick now
+            fe.notify(0)
         res = r.get(timeout=WAIT)
         assert not res.lost
         cases.append((a, b, c, data, res.status))
