@@ -46,6 +46,7 @@ from typing import Callable, Mapping, Optional, Sequence
 from gblk.blkif.const import XenbusState
 from gblk.blkif.xenbus import HOTPLUG_ERROR, HOTPLUG_STATUS, STATE
 from gblk.errors import GblkError
+from gblk.xen.xs_simple import SimpleXenStore
 
 #: hotplug-status values (xen-hotplug-common.sh)
 STATUS_CONNECTED = "connected"
@@ -116,6 +117,8 @@ def wait_taken(
         if status == STATUS_ERROR:
             error = read(f"{path}/{HOTPLUG_ERROR}") or "no details (see: journalctl -u gblk)"
             raise HotplugFailed(f"gblk could not serve this disk: {error}")
+        if status == STATUS_CONNECTED:
+            return  # gblk wrote it with InitWait: taken, whatever the guest did since
         state = _state(read, path)
         if state in _TAKEN:
             return
@@ -224,14 +227,9 @@ def main(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] 
     try:
         timeout = _timeout(environ)
         path = backend_path(xenbus_path)
-        # an entry point: patch before pyxs is imported by the xenstore adapter
-        from gevent import monkey
-
-        if not monkey.is_module_patched("socket"):
-            monkey.patch_all(queue=False)
-        from gblk.xen.xenstore import PyxsXenStore
-
-        store = PyxsXenStore(socket_path=None)
+        # a plain blocking client: libxl allows the script 40 s, and on a busy dom0
+        # importing gevent and pyxs took most of that
+        store = SimpleXenStore()
         run(action, path, store.read, store.write, timeout)
         return 0
     except GblkError as exc:

@@ -113,6 +113,28 @@ def test_add_fails_if_device_closed(store: PyxsXenStore, xenstored: str, child_e
     assert store.read(f"{BACKEND}/hotplug-status") == "error"
 
 
+def test_add_after_the_guest_already_closed_a_taken_device(
+    store: PyxsXenStore, xenstored: str, child_env: dict
+) -> None:
+    """On a busy dom0 the script can start after the guest connected and closed the
+    disk again: gblk had taken it (hotplug-status=connected), so the attach succeeded."""
+    make_backend(store, 6, hotplug_status="connected")
+    code, err = finish(start_script("add", xenstored, child_env))
+    assert code == 0, err
+    assert store.read(f"{BACKEND}/hotplug-error") is None
+
+
+def test_script_stays_light(xenstored: str, child_env: dict) -> None:
+    """libxl kills the script after 40 s, and a busy dom0 needed most of that to import
+    gevent and pyxs: the script talks to XenStore with neither."""
+    code = ("import sys, gblk.hotplug\n"
+            "heavy = sorted(m for m in ('gevent', 'pyxs', 'prometheus_client', 'cffi') if m in sys.modules)\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True,
+                         text=True, timeout=PROCESS_DEADLINE)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_add_never_recreates_a_removed_directory(
     store: PyxsXenStore, xenstored: str, child_env: dict
 ) -> None:
