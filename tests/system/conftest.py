@@ -81,6 +81,9 @@ class XenRun:
             for console in result.get("consoles", []):
                 item.add_report_section("call", f"guest console {console}", _tail(self.results / console))
         item.add_report_section("call", "gblk.log (tail)", _tail(logs / "gblk.log"))
+        if (logs / "gblk-stacks.txt").exists():
+            item.add_report_section("call", "gblk stacks at failed scenarios (tail)",
+                                    _tail(logs / "gblk-stacks.txt", 12000))
         item.add_report_section("call", "payload.log (tail)", _tail(logs / "payload.log", 4000))
         if result is None:
             item.add_report_section("call", "serial console (tail)", _tail(self.results / "serial.log"))

@@ -330,8 +330,11 @@ class Gblk:
         self.logf = None
 
     def start(self):
-        env = dict(os.environ, PYTHONPATH=os.path.join(SHARE, "src"), PYTHONUNBUFFERED="1")
-        argv = CONF["gblk"]["argv"]
+        env = dict(os.environ, PYTHONPATH=os.path.join(SHARE, "src"), PYTHONUNBUFFERED="1",
+                   GBLK_STACKS=os.path.join(LOGS, "gblk-stacks.txt"))
+        argv = list(CONF["gblk"]["argv"])
+        if argv[:3] == ["python3", "-m", "gblk"]:  # the same, with stack dumps on SIGUSR1/2
+            argv[:3] = ["python3", os.path.join(SHARE, "dom0", "gblk-serve.py")]
         log("gblk: starting: " + " ".join(argv))
         self.logf = open(os.path.join(LOGS, "gblk.log"), "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
@@ -350,6 +353,25 @@ class Gblk:
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
+
+    def dump(self, tag):
+        """Evidence of a wedged gblk, taken before cleanup: every thread's and greenlet's
+        stack (logs/gblk-stacks.txt) and a metrics scrape (logs/metrics-TAG.txt)."""
+        if not self.alive():
+            return
+        with open(os.path.join(LOGS, "gblk-stacks.txt"), "a") as f:
+            f.write("\n######## %s: scenario failed at %.1f s\n==== threads\n" % (tag, time.monotonic() - T0))
+        self.proc.send_signal(signal.SIGUSR2)
+        time.sleep(1)
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        try:
+            text = self.scrape()
+        except OSError as e:
+            text = "# scrape failed: %s\n" % e
+        with open(os.path.join(LOGS, "metrics-%s.txt" % tag), "w") as f:
+            f.write(text)
+        log("gblk: stacks in logs/gblk-stacks.txt, metrics in logs/metrics-%s.txt" % tag)
 
     def scrape(self, path="/metrics"):
         with urllib.request.urlopen("http://%s%s" % (self.addr, path), timeout=10) as r:
@@ -542,6 +564,7 @@ def sc_attach_detach(res, gblk):
     t = time.monotonic()
     sh(["xl", "block-attach", g.name, disk_spec("xvdb", b, "phy")], timeout=90)
     res.timings["block-attach 2"] = round(time.monotonic() - t, 1)
+    ack(a, "attached2")  # the guest stays up until xl (and its hotplug script) returned
     g.wait("DONE")
     collect(res, g)
     g.finish(res)
@@ -799,6 +822,13 @@ def main():
             log(traceback.format_exc())
         finally:
             signal.alarm(0)
+        failed = (res.error is not None or not all(c["ok"] for c in res.checks)
+                  or not all(st["ok"] for st in res.steps))
+        if failed and gblk.alive():
+            try:
+                gblk.dump(name)
+            except Exception as e:  # noqa: BLE001 - diagnostics only
+                log("gblk: dump failed: %s" % e)
         cpu1 = gblk.cpu_seconds() if gblk.alive() else None
         if cpu0 is not None and cpu1 is not None:
             res.data["gblk_cpu_seconds"] = round(cpu1 - cpu0, 2)
