@@ -167,6 +167,23 @@ def dom0_stamps(serial: Path) -> Dict[str, float]:
     return out
 
 
+#: seconds QEMU gets to exit by itself after Xen said dom0 is gone
+DOM0_GONE_GRACE = 15
+_DOM0_GONE = (b"(XEN) Hardware Dom0 crashed", b"(XEN) Hardware Dom0 halted",
+              b"(XEN) Hardware Dom0 shutdown")
+
+
+def _dom0_gone(serial: Path) -> bool:
+    """Whether Xen reported dom0's end (a crash, or a power-off QEMU missed)."""
+    try:
+        with open(serial, "rb") as f:
+            f.seek(max(0, serial.stat().st_size - 8192))
+            tail = f.read()
+    except OSError:
+        return False
+    return any(marker in tail for marker in _DOM0_GONE)
+
+
 def boot(images: Path, share: Path, kvm: bool = False) -> BootResult:
     config = json.loads((share / "config.json").read_text())
     limit = int(config["payload_timeout"]) + BOOT_OVERHEAD
@@ -179,18 +196,30 @@ def boot(images: Path, share: Path, kvm: bool = False) -> BootResult:
     with open(serial, "wb") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc: Optional[int] = proc.wait(timeout=limit + 60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(timeout=30)
-            rc = None
+        rc: Optional[int] = None
+        ended_at: Optional[float] = None
+        deadline = t0 + limit + 60
+        while True:
+            try:
+                rc = proc.wait(timeout=2)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if ended_at is None and _dom0_gone(serial):
+                ended_at = now  # Xen halted after dom0 died: QEMU would idle to the limit
+            if now >= deadline or (ended_at is not None and now - ended_at > DOM0_GONE_GRACE):
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=30)
+                rc = None
+                break
     seconds = time.monotonic() - t0
-    timed_out = rc in (None, 124, 137)
+    timed_out = rc in (124, 137) or (rc is None and ended_at is None)
     result = BootResult(results, rc, seconds, timed_out)
     summary = {"qemu": result.as_dict(), "dom0": dom0_stamps(serial), "config": config}
     (results / "run.json").write_text(json.dumps(summary, indent=1) + "\n")
-    lab.log(f"boot: QEMU exit {rc} after {seconds:.0f} s{' (TIME LIMIT)' if timed_out else ''}")
+    how = " (TIME LIMIT)" if timed_out else (" (stopped: Xen reported dom0 gone)" if rc is None else "")
+    lab.log(f"boot: QEMU exit {rc} after {seconds:.0f} s{how}")
     return result
 
 
