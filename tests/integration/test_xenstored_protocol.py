@@ -6,15 +6,13 @@ per-connection memory bound (XSA-349) are checked as a client sees them."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
-import tempfile
 from typing import Iterator, List, Optional, Tuple
 
 import pytest
 
-from .xenstored_support import start_xenstored
+from .xenstored_support import running_xenstored
 
 HEADER = struct.Struct("=IIII")
 
@@ -117,31 +115,17 @@ def perms_home(dom0: Raw, domid: int) -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    tmp = tempfile.mkdtemp(prefix="gblk-xs-")
-    sock = os.path.join(tmp, "s")
-    proc = start_xenstored(sock)
-    try:
+    with running_xenstored() as sock:
         yield sock
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        shutil.rmtree(tmp)
 
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[str]:
     """A server with small quotas."""
-    tmp = tempfile.mkdtemp(prefix="gblk-xs-")
-    sock = os.path.join(tmp, "s")
-    proc = start_xenstored(sock, "--watch-nb", "3", "--transaction", "2", "--entry-nb", "12",
+    with running_xenstored("--watch-nb", "3", "--transaction", "2", "--entry-nb", "12",
                            "--entry-size", "600", "--perm-nb", "3",
-                           "--max-queued-bytes", "65536")
-    try:
+                           "--max-queued-bytes", "65536") as sock:
         yield sock
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        shutil.rmtree(tmp)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from .host_tools import require_tool
-from .xenstored_support import start_xenstored
+from .xenstored_support import running_xenstored, start_xenstored
 
 HEADER = struct.Struct("=IIII")
 XS_ERROR = 16
@@ -61,15 +61,8 @@ class Raw:
 
 @pytest.fixture(scope="module")
 def xsd() -> Iterator[str]:
-    tmp = tempfile.mkdtemp(prefix="gblk-xs-")
-    sock = os.path.join(tmp, "sock")
-    proc = start_xenstored(sock)
-    try:
+    with running_xenstored() as sock:
         yield sock
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-        shutil.rmtree(tmp)
 
 
 def xs(sock: str, *argv: str) -> "subprocess.CompletedProcess[str]":

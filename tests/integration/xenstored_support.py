@@ -3,9 +3,13 @@ socket (raw wire protocol, pyxs, Debian's xenstore-* tools)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from typing import Iterator
 
 from gblk.sim.host import child_env
 
@@ -26,3 +30,18 @@ def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
         proc.wait()
         raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
     return proc
+
+
+@contextlib.contextmanager
+def running_xenstored(*extra: str) -> Iterator[str]:
+    """A simulated xenstored on a socket in a fresh directory; yields the socket path.
+    Stopped with SIGTERM at the end, which it must survive cleanly (exit 0)."""
+    tmp = tempfile.mkdtemp(prefix="gblk-xs-")
+    sock = os.path.join(tmp, "sock")
+    proc = start_xenstored(sock, *extra)
+    try:
+        yield sock
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+        shutil.rmtree(tmp)
