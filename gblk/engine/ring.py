@@ -123,8 +123,9 @@ class RingWorker:
         self._queue: Deque[_Pending] = collections.deque()
         self.inflight: Dict[int, _Pending] = {}
         self._seq = 0
-        #: seq -> packed response of a finished request waiting for earlier ones
-        self._held: Dict[int, bytes] = {}
+        #: seq -> (packed response, op label, t0) of a finished request waiting for
+        #: earlier ones
+        self._held: Dict[int, Tuple[bytes, str, float]] = {}
         self._next_answer = 1  # seq of the oldest request not yet written to the ring
         self._jobs = 0  # threadpool jobs running
         self._barrier = False  # a barrier job runs: dispatch nothing else
@@ -378,7 +379,6 @@ class RingWorker:
         del self.inflight[p.seq]
         st = self.stats
         st.requests[p.label] += 1
-        st.latency[p.label].observe(time.monotonic() - p.t0)
         if reason:
             st.errors[reason] += 1
             self.ctx.guest_log(
@@ -387,7 +387,8 @@ class RingWorker:
             )
         # an INDIRECT request is answered with its indirect_op (as blkback does and
         # Linux's blkfront checks)
-        self._held[p.seq] = self.ctx.abi.pack_response(req.id, effective_op(req), status)
+        rsp = self.ctx.abi.pack_response(req.id, effective_op(req), status)
+        self._held[p.seq] = (rsp, p.label, p.t0)
 
     def _publish(self) -> bool:
         """Write the responses that are next in ring order, make them visible; whether
@@ -398,10 +399,15 @@ class RingWorker:
         assert ring is not None
         held = self._held
         nxt = self._next_answer
-        while nxt in held:
-            ring.put_response(held.pop(nxt))
-            nxt += 1
-        self._next_answer = nxt
+        if nxt in held:
+            latency = self.stats.latency
+            now = time.monotonic()
+            while nxt in held:
+                rsp, label, t0 = held.pop(nxt)
+                ring.put_response(rsp)
+                latency[label].observe(now - t0)  # taken off the ring -> published
+                nxt += 1
+            self._next_answer = nxt
         return ring.push_responses()
 
     # -- persistent grants -----------------------------------------------------------
