@@ -8,7 +8,9 @@ import os
 import re
 import time
 import urllib.request
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, TypeVar
+
+import gevent
 
 from gblk.sim.frontend import Frontend
 from gblk.sim.host import BackendProcess, SimHost, child_env
@@ -124,3 +126,19 @@ def exercise(fe: Frontend, image: str, big_sectors: Optional[int] = None) -> Non
     assert fe.stats.mismatches == 0
     assert fe.stats.protocol_violations == 0, fe.stats.violations
     assert fe.stats.canary_violations == 0
+
+
+T = TypeVar("T")
+
+
+def eventually(fn: Callable[[], T], accept: Callable[[T], bool], what: str,
+               timeout: float = 30.0) -> T:
+    """Call ``fn`` until ``accept(result)``; the last result is in the failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if accept(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: still {value!r} after {timeout:g}s")
+        gevent.sleep(0.02)

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Dict, Iterator, List, Sequence, Tuple, TypeVar
 
 import gevent
 import gevent.event
@@ -35,7 +35,7 @@ from gblk.sim.frontend import Frontend, FrontendOptions, IoResult
 from gblk.sim.host import BackendProcess, Guest, SimHost
 from gblk.sim.memory import GTF_permit_access
 
-from .backend_support import metric, metrics_url, pattern, scrape, start_daemon
+from .backend_support import eventually, metric, metrics_url, pattern, scrape, start_daemon
 
 #: bound on every wait for the daemon (a hang guard, never a performance bound)
 WAIT = 30.0
@@ -145,19 +145,6 @@ def frozen(daemon: Daemon) -> Iterator[None]:
         yield
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
-
-
-def eventually(fn: Callable[[], T], accept: Callable[[T], bool], what: str,
-               timeout: float = WAIT) -> T:
-    """Call ``fn`` until ``accept(result)``; the last result is in the failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if accept(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: still {value!r} after {timeout:g}s")
-        gevent.sleep(0.02)
 
 
 def dev_metric(samples: Dict[str, float], name: str, fe: Frontend, **labels: str) -> float:

@@ -9,16 +9,15 @@ reached over HTTP, XenStore and the rings, like a real operator and guest reach 
 
 from __future__ import annotations
 
-import time
 import urllib.error
 import urllib.request
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Dict, List, Optional, Tuple, TypeVar
 
 import gevent
 
 from gblk.sim.frontend import Frontend
 
-from .backend_support import scrape
+from .backend_support import eventually, scrape
 
 #: bound on every wait for the daemon to catch up (a hang guard, not a performance bound)
 WAIT = 30.0
@@ -39,19 +38,6 @@ def http_get(url: str, accept: Optional[str] = None) -> Tuple[int, bytes]:
 def healthz_url(metrics_url: str) -> str:
     assert metrics_url.endswith("/metrics"), metrics_url
     return metrics_url[: -len("/metrics")] + "/healthz"
-
-
-def eventually(fn: Callable[[], T], accept: Callable[[T], bool], what: str,
-               timeout: float = WAIT) -> T:
-    """Call ``fn`` until ``accept(result)``; the last result is in the failure."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if accept(value):
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: still {value!r} after {timeout:g}s")
-        gevent.sleep(0.05)
 
 
 def labels_of(key: str) -> Dict[str, str]:
