@@ -42,12 +42,19 @@ from gevent import Greenlet
 
 from gblk.errors import XenError, XenStoreError, XenUnavailable
 from gblk.xen.interfaces import WatchSubscription, XenStore, XenStoreOps
+from gblk.xen.xs_simple import (  # the wire constants and where xenstored lives: one place
+    DEFAULT_RUNDIR,
+    XENBUS_PATHS,
+    XENSTORE_PAYLOAD_MAX,
+    XS_ERROR,
+    XS_READ,
+    XS_WRITE,
+)
 
 log = logging.getLogger(__name__)
 
 # Message types (xen/io/xs_wire.h)
 XS_DIRECTORY = 1
-XS_READ = 2
 XS_GET_PERMS = 3
 XS_WATCH = 4
 XS_UNWATCH = 5
@@ -56,22 +63,16 @@ XS_TRANSACTION_END = 7
 XS_INTRODUCE = 8
 XS_RELEASE = 9
 XS_GET_DOMAIN_PATH = 10
-XS_WRITE = 11
 XS_MKDIR = 12
 XS_RM = 13
 XS_SET_PERMS = 14
-XS_WATCH_EVENT = 15
-XS_ERROR = 16
 XS_IS_DOMAIN_INTRODUCED = 17
 XS_DIRECTORY_PART = 22
-XENSTORE_PAYLOAD_MAX = 4096
 
 _NUL = b"\0"
 _ENC = "utf-8"
 _ENC_ERRORS = "surrogateescape"  # any bytes a guest wrote survive a read/write round trip
 
-DEFAULT_RUNDIR = "/var/run/xenstored"
-XENBUS_PATHS = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 
 
 class _LinkDown(XenStoreError):
