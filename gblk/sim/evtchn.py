@@ -35,8 +35,9 @@ import uuid
 from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional
 
 from gblk.errors import EventChannelError
-from gblk.sim.memory import EVTCHN, native_lock, original
+from gblk.sim.memory import EVTCHN
 from gblk.xen.interfaces import EventChannel
+from gblk.xen.native import native_lock, original
 
 #: ports per domain (Xen's 2-level ABI on 64-bit guests); port 0 is never used
 MAX_PORTS = 4096

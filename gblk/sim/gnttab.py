@@ -22,8 +22,6 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-import cffi
-
 from gblk.errors import GrantError
 from gblk.sim.memory import (
     GNTTAB_FILE,
@@ -35,7 +33,6 @@ from gblk.sim.memory import (
     GTF_type_mask,
     GTF_writing,
     domain_dir,
-    native_lock,
 )
 from gblk.xen.interfaces import (
     CopySegment,
@@ -49,9 +46,10 @@ from gblk.xen.interfaces import (
     GrantMapping,
     GrantTable,
 )
+from gblk.xen.native import native_lock, new_ffi
 
 # libc's mmap, to place guest pages at fixed addresses inside a reserved range
-_ffi = cffi.FFI()
+_ffi = new_ffi()
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc_mmap = _libc.mmap
 _libc_mmap.restype = ctypes.c_void_p

@@ -52,13 +52,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import importlib
 import mmap
 import os
 import shutil
 import struct
 import uuid
-from typing import Any, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
+
+# the simulated host's locks work between real threads (gevent's threadpool maps grants)
+from gblk.xen.native import native_lock
 
 PAGE_SIZE = 4096
 
@@ -162,25 +164,6 @@ class ActiveEntry(NamedTuple):
 
 
 IDLE = ActiveEntry(0, 0, ((0, 0, 0),) * ACTIVE_SLOTS)
-
-
-def original(module: str, name: str) -> Any:
-    """``module.name`` as it was before any gevent monkey-patching.
-
-    The simulated host's locks must work between real threads (gevent's threadpool
-    maps grants) and its sockets must never yield to a hub, whatever the process
-    patched.
-    """
-    try:
-        monkey = importlib.import_module("gevent.monkey")
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return getattr(importlib.import_module(module), name)
-    return monkey.get_original(module, name)
-
-
-def native_lock() -> Any:
-    """A real (unpatched) thread lock; held only for short, non-blocking sections."""
-    return original("_thread", "allocate_lock")()
 
 
 def domain_dir(dir: str, domid: int) -> str:

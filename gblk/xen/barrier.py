@@ -28,7 +28,8 @@ CPython 3.11; 1e6 calls, best of 3):
 
 The Python-level stores before the call are C stores made by the interpreter before
 it calls an opaque foreign function, so the compiler cannot move them across it.
-This module must not import gevent, pyxs or anything from gblk above ``errors``.
+This module must not import gevent, pyxs or anything from gblk but ``errors`` and
+``xen.native``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ from __future__ import annotations
 import platform
 from typing import Any, Callable, Optional
 
-import cffi
-
 from gblk.errors import XenUnavailable
+from gblk.xen.native import new_ffi
 
 _CDEF = """
 typedef int pthread_spinlock_t;
@@ -49,10 +49,8 @@ int pthread_spin_unlock(pthread_spinlock_t *lock);
 _ATOMIC_CDEF = "void atomic_thread_fence(int order);"
 _MEMORY_ORDER_SEQ_CST = 5  # __ATOMIC_SEQ_CST
 
-_ffi = cffi.FFI()
-_ffi.cdef(_CDEF)
-_atomic_ffi = cffi.FFI()
-_atomic_ffi.cdef(_ATOMIC_CDEF)
+_ffi = new_ffi(_CDEF)
+_atomic_ffi = new_ffi(_ATOMIC_CDEF)
 
 _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
 

@@ -10,22 +10,20 @@ the library and not ``fcntl.ioctl`` (it drops ioctl return values).
 Called on the gevent hub: nothing here blocks. The header warns that a
 non-blocking fd may still block in ``xenevtchn_pending`` on old kernels, so
 ``pending()`` polls the fd with a zero timeout first. No gevent, no logging; must
-not import anything from gblk but ``errors`` and ``xen.interfaces``.
+not import anything from gblk but ``errors``, ``xen.interfaces`` and ``xen.native``.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import importlib
 import os
 import select
 from typing import Any, Optional
 
-import cffi
-
 from gblk.errors import EventChannelError, XenUnavailable
 from gblk.xen.interfaces import EventChannel
+from gblk.xen.native import new_ffi, original
 
 LIBRARY = "libxenevtchn.so.1"
 PACKAGE = "libxenevtchn1"
@@ -48,8 +46,7 @@ xenevtchn_port_or_error_t xenevtchn_pending(xenevtchn_handle *xce);
 int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
 """
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
+ffi = new_ffi(CDEF)
 
 _lib: Optional[Any] = None
 
@@ -81,11 +78,7 @@ def open_error(err: int) -> XenUnavailable:
 
 
 def _poll_class() -> Any:
-    try:
-        monkey = importlib.import_module("gevent.monkey")
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return select.poll
-    return monkey.get_original("select", "poll")
+    return original("select", "poll")
 
 
 class RealEventChannel(EventChannel):

@@ -9,20 +9,16 @@ region, exposed as one memoryview per page), ``xengnttab_unmap`` and
 
 Runs in gevent's threadpool (mapping a paged-out grant retries inside the kernel
 and blocks): no gevent, no logging. Must not import anything from gblk but
-``errors`` and ``xen.interfaces``.
+``errors``, ``xen.interfaces`` and ``xen.native``.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib
 import mmap
 import os
 import sys
-import threading
 from typing import Any, Callable, List, Optional, Sequence
-
-import cffi
 
 from gblk.errors import GrantError, XenUnavailable
 from gblk.xen.interfaces import (
@@ -32,6 +28,7 @@ from gblk.xen.interfaces import (
     GrantMapping,
     GrantTable,
 )
+from gblk.xen.native import native_lock, new_ffi
 
 LIBRARY = "libxengnttab.so.1"
 PACKAGE = "libxengnttab1"
@@ -71,18 +68,8 @@ int xengnttab_grant_copy(xengnttab_handle *xgt, uint32_t count,
                          xengnttab_grant_copy_segment_t *segs);
 """
 
-ffi = cffi.FFI()
-ffi.cdef(CDEF)
-
-def native_lock() -> Any:
-    """A real thread lock even in a gevent-patched process: these objects are used
-    from gevent's threadpool, where gevent's own locks must not be touched."""
-    try:
-        monkey = importlib.import_module("gevent.monkey")
-    except ImportError:  # pragma: no cover - gevent is a dependency
-        return threading.Lock()
-    return monkey.get_original("_thread", "allocate_lock")()
-
+# used from gevent's threadpool: its lock, like ours, must be a real thread lock
+ffi = new_ffi(CDEF)
 
 _lib: Optional[Any] = None
 _lib_lock = native_lock()
