@@ -211,7 +211,7 @@ _SPECS: Tuple[_Spec, ...] = (
           "how guest pages are reached: auto (persistent when the frontend offers "
           "feature-persistent, else map), persistent, map, copy"),
     _Spec("backend", "max_persistent_grants", 1056, _int_range(0),
-          "persistent grants kept mapped per device, least recently used evicted first "
+          "persistent grants kept mapped per ring (queue), least recently used evicted first "
           "(SIGHUP applies it)"),
     _Spec("backend", "persistent_grant_idle", 60.0, _float_min(0.0, inclusive=False),
           "seconds an unused persistent grant stays mapped (SIGHUP applies it)"),

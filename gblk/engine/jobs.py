@@ -62,8 +62,15 @@ class JobContext:
         self.mode = mode
 
 
-def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int) -> Outcome:
-    """Phase 1 of INDIRECT: copy the descriptor pages once, parse and check the copy."""
+def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int,
+                  cached: Optional[Dict[int, memoryview]] = None) -> Outcome:
+    """Phase 1 of INDIRECT: copy the descriptor pages once, parse and check the copy.
+
+    With persistent grants the descriptor pages are cached like data pages (Linux's
+    blkfront takes them from its persistent pool, and blkback keeps them): ``cached``
+    holds those already mapped, the others are mapped here and handed back in
+    ``new_grants``.
+    """
     out = Outcome()
     npages = indirect_pages(nr_segments)
     refs = list(grefs[:npages])
@@ -86,6 +93,15 @@ def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int) -> Ou
             if bad:
                 return out.fail("grant_copy", f"indirect page copy status {bad[0]}")
             raw = bytes(buf)
+        elif ctx.mode == MODE_PERSISTENT:
+            mappings: List[GrantMapping] = []
+            try:
+                pages = _map_persistent(ctx, refs, cached or {}, False, out, mappings)
+                raw = b"".join(bytes(pages[r]) for r in refs)  # the one read of them
+            finally:
+                _release(mappings, out)
+            if out.status != Status.OKAY:
+                return out
         else:
             mapping = ctx.gnttab.map_grant_refs(ctx.domid, refs, False)
             out.maps += len(refs)
@@ -95,7 +111,8 @@ def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int) -> Ou
                 mapping.unmap()
                 out.unmaps += len(refs)
     except GrantError as e:
-        return out.fail("grant_map", str(e))
+        _release([], out.fail("grant_map", str(e)))
+        return out
     segments = parse_indirect_segments(raw, nr_segments)
     out.segments = segments
     return out
@@ -148,34 +165,60 @@ def _slices(pages: Dict[int, memoryview], segments: Sequence[Segment]) -> List[m
     ]
 
 
+def _map_persistent(ctx: JobContext, refs: Sequence[int], cached: Dict[int, memoryview],
+                    writable: bool, out: Outcome, mappings: List[GrantMapping]) -> Dict[int, memoryview]:
+    """gref -> page for ``refs``: ``cached`` ones as they are, the others mapped one
+    grant per mapping (so the cache can unmap them one by one) and writable whatever
+    the op, into ``out.new_grants``. A read-only grant where only reading is needed
+    (``writable`` False) is used but not kept: its mapping goes to ``mappings``."""
+    pages: Dict[int, memoryview] = dict(cached)
+    for ref in refs:
+        if ref in pages:
+            continue
+        try:
+            m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], True)
+            out.new_grants[ref] = m
+        except GrantError:
+            if writable:
+                raise
+            m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], False)
+            mappings.append(m)
+        out.maps += 1
+        pages[ref] = m.pages[0]
+    return pages
+
+
+def _release(mappings: List[GrantMapping], out: Outcome) -> None:
+    """Unmap a job's transient mappings, and its new persistent ones if it failed (the
+    grants may be bogus: a failed request caches nothing)."""
+    release = list(mappings)
+    if out.status != Status.OKAY and out.new_grants:
+        release.extend(out.new_grants.values())
+        out.new_grants = {}
+    for m in release:
+        n = len(m.pages)
+        try:
+            m.unmap()
+            out.unmaps += n
+        except GrantError as e:  # counted, reported; never raised out of a job
+            out.fail("grant_map", f"unmap failed: {e}")
+
+
 def _mapped_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: int,
                cached: Dict[int, memoryview], out: Outcome) -> None:
-    persistent = ctx.mode == MODE_PERSISTENT
     writable = op == Op.READ
-    missing: List[int] = []
-    for s in segments:
-        if s.gref not in cached and s.gref not in missing:
-            missing.append(s.gref)
-    pages: Dict[int, memoryview] = dict(cached)
     mappings: List[GrantMapping] = []
     try:
-        if missing:
-            if persistent:
-                # one mapping per grant, so the cache can unmap them one by one;
-                # persistent grants are mapped writable whatever the op
-                for ref in missing:
-                    try:
-                        m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], True)
-                        out.new_grants[ref] = m
-                    except GrantError:
-                        if writable:
-                            raise
-                        # a read-only grant for a WRITE: use it, but not persistently
-                        m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], False)
-                        mappings.append(m)
-                    out.maps += 1
-                    pages[ref] = m.pages[0]
-            else:
+        if ctx.mode == MODE_PERSISTENT:
+            pages = _map_persistent(ctx, [s.gref for s in segments], cached, writable, out,
+                                    mappings)
+        else:
+            missing: List[int] = []
+            for s in segments:
+                if s.gref not in cached and s.gref not in missing:
+                    missing.append(s.gref)
+            pages = dict(cached)
+            if missing:
                 m = ctx.gnttab.map_grant_refs(ctx.domid, missing, writable)
                 out.maps += len(missing)
                 mappings.append(m)
@@ -195,18 +238,7 @@ def _mapped_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: in
     finally:
         # unmap before the response is published: the frontend reclaims the page
         # as soon as it sees the response
-        release = list(mappings)
-        if out.status != Status.OKAY and out.new_grants:
-            # a failed request caches nothing: the grants may be bogus
-            release.extend(out.new_grants.values())
-            out.new_grants = {}
-        for m in release:
-            n = len(m.pages)
-            try:
-                m.unmap()
-                out.unmaps += n
-            except GrantError as e:  # counted, reported; never raised out of a job
-                out.fail("grant_map", f"unmap failed: {e}")
+        _release(mappings, out)
 
 
 def _nbytes(segments: Sequence[Segment]) -> int:

@@ -2,7 +2,10 @@
 
 The data path of ARCHITECTURE.md: wake on the event channel, copy each new slot
 once, validate, hand the IO to the threadpool (one job per request), answer on
-completion, publish, notify only when the ring says so, re-arm, sleep.
+completion, publish, notify only when the ring says so, re-arm, sleep. An INDIRECT
+request's descriptor pages are read in a job of their own first, except when they
+are all cached persistent grants: then the hub copies them (mapped memory, no
+syscall) and the request goes straight to its data job.
 
 Every request consumed from the ring lives in ``self.inflight`` (one table owned by
 the ring, keyed by a private sequence number) until its response is written: every
@@ -30,10 +33,10 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import gevent
 import gevent.event
 
-from ..blkif.abi import Abi, Request, Segment
+from ..blkif.abi import Abi, Request, Segment, parse_indirect_segments
 from ..blkif.const import Op, Status
 from ..blkif.ring import BackRing
-from ..blkif.validate import DiskLimits, check_header, effective_op, status_for
+from ..blkif.validate import DiskLimits, check_header, effective_op, indirect_pages, status_for
 from ..errors import GblkError, InvalidRequest, RingError
 from ..storage import Store
 from ..xen.interfaces import EventChannel, GrantMapping, GrantTable, XenHost
@@ -294,6 +297,21 @@ class RingWorker:
                 self._barrier = True
             q.popleft()
             op = req.operation
+            if op == Op.INDIRECT and p.phase == 0 and self._pgrants is not None:
+                refs = req.indirect_grefs[:indirect_pages(req.nr_segments)]
+                have = self._pgrants.acquire(refs)
+                if len(have) < len(set(refs)):
+                    p.pinned = list(have)
+                    batch.append((p, jobs.read_indirect, (ctx.job, refs, req.nr_segments, have)))
+                    continue
+                # every descriptor page is a cached persistent grant: read them here
+                # (a copy of mapped memory; no syscall, no thread handoff)
+                try:
+                    raw = b"".join(bytes(have[r]) for r in refs)
+                finally:
+                    self._pgrants.release(have)
+                p.segments = parse_indirect_segments(raw, req.nr_segments)
+                p.phase = 1
             if op == Op.DISCARD:
                 batch.append((p, jobs.run_discard,
                               (ctx.job, req.sector_number, req.nr_sectors, bool(req.flag & 1))))

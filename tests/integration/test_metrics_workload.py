@@ -341,6 +341,31 @@ def test_grants_balance_while_connected(served: Tuple[SimHost, str], persistent:
     host.destroy_guest(g)
 
 
+@pytest.mark.parametrize("segments", [32, 256], ids=["32-segments", "256-segments"])
+def test_warm_indirect_requests_map_no_grants(served: Tuple[SimHost, str], segments: int) -> None:
+    """With persistent grants, INDIRECT requests stop mapping grants once warm: the
+    descriptor pages are cached like the data pages (Linux's blkfront takes both
+    from its persistent pool and blkback keeps both), so a warm request costs no
+    grant map, no unmap and, for the descriptors, no thread handoff."""
+    host, url = served
+    g = host.create_guest(size=16 * MiB, options=FrontendOptions(
+        initial_zero=True, force_indirect=True, max_indirect_segments=segments, max_queues=1))
+    fe = g.frontend  # one queue: the cache is per ring, as in blkback
+    assert fe.max_indirect_segments == segments
+    fe.write(0, pattern(0, segments * PAGE))  # warm-up: maps the pool's pages once
+    warm = _grants(url, g)
+    assert warm[2] == segments + -(-segments // 512)  # data pages + descriptor pages
+    for i in range(1, 6):
+        fe.write(i * 8 * segments, pattern(i, segments * PAGE))
+        assert fe.read(i * 8 * segments, 8 * segments) == pattern(i, segments * PAGE)
+    samples = scrape(url)
+    assert _dev(samples, "gblk_requests_total", g, op="write") == 6
+    assert _dev(samples, "gblk_requests_total", g, op="read") == 5
+    assert _grants(url, g) == warm
+    assert fe.stats.mismatches == 0
+    host.destroy_guest(g)
+
+
 def test_persistent_grants_drop_to_zero_after_disconnect(served: Tuple[SimHost, str]) -> None:
     """When the guest disconnects, gblk unmaps its persistent grants: the gauge goes
     back to 0 and the guest can end every grant it gave."""

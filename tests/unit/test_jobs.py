@@ -545,13 +545,14 @@ def test_io_error_after_a_short_transfer(rig: Rig, monkeypatch: pytest.MonkeyPat
     assert rig.gt.live == 0
 
 
-def _descriptor_pages(rig: Rig, segs: List[Segment], first_frame: int) -> List[int]:
+def _descriptor_pages(rig: Rig, segs: List[Segment], first_frame: int,
+                      readonly: bool = False) -> List[int]:
     """Write blkif_request_segment descriptors (gref u32, first u8, last u8, 2 pad)
     into consecutive guest pages; return their grefs."""
     raw = b"".join(struct.pack("<IBBxx", *s) for s in segs)
     pages: List[int] = []
     for i in range(0, len(raw), PAGE_SIZE):
-        ref = rig.guest.grant(first_frame + len(pages))
+        ref = rig.guest.grant(first_frame + len(pages), readonly=readonly)
         rig.guest.fill(ref, raw[i:i + PAGE_SIZE].ljust(PAGE_SIZE, b"\xff"))
         pages.append(ref)
     return pages
@@ -560,19 +561,45 @@ def _descriptor_pages(rig: Rig, segs: List[Segment], first_frame: int) -> List[i
 @pytest.mark.parametrize("mode", MODES)
 def test_read_indirect_descriptors(rig: Rig, mode: str) -> None:
     """INDIRECT phase 1: the descriptor pages (512 per page, 600 segments = 2 pages) are
-    read once, read-only, parsed from the copy; nothing stays mapped."""
+    read once and parsed from the copy. Map and copy modes keep nothing mapped; with
+    persistent grants the pages are mapped one by one for the cache (as blkback does)."""
     segs = [Segment(rig.refs[i % 16], i % 8, 7) for i in range(600)]
     grefs = _descriptor_pages(rig, segs, 40)
     indirect_grefs = tuple(grefs) + (0,) * (8 - len(grefs))
     out = read_indirect(rig.ctx(mode), indirect_grefs, 600)
     assert out.status == Status.OKAY
     assert out.segments == tuple(segs)
-    assert rig.gt.live == 0
     if mode == MODE_COPY:
         assert out.copies == 2
-    else:
+    elif mode == MODE_MAP:
         assert rig.gt.map_calls == [(tuple(grefs), False)]
         assert out.maps == out.unmaps == 2
+    else:
+        assert rig.gt.map_calls == [((grefs[0],), True), ((grefs[1],), True)]
+        assert (out.maps, out.unmaps) == (2, 0) and sorted(out.new_grants) == sorted(grefs)
+        assert rig.gt.live == 2
+        rig.finish(out)
+    assert rig.gt.live == 0
+
+
+def test_read_indirect_persistent_uses_cached_pages(rig: Rig) -> None:
+    """Persistent grants: descriptor pages the cache holds are read through its views
+    (no map); a page granted read-only is mapped read-only for this request only."""
+    segs = [Segment(rig.refs[i % 16], 0, 7) for i in range(600)]
+    cached_ref = _descriptor_pages(rig, segs[:512], 40)[0]
+    ro_ref = _descriptor_pages(rig, segs[512:], 41, readonly=True)[0]
+    warm = read_indirect(rig.ctx(MODE_PERSISTENT), (cached_ref,) + (0,) * 7, 512)
+    assert warm.status == Status.OKAY and list(warm.new_grants) == [cached_ref]
+    cache = {cached_ref: warm.new_grants[cached_ref].pages[0]}
+    rig.gt.map_calls.clear()
+    out = read_indirect(rig.ctx(MODE_PERSISTENT), (cached_ref, ro_ref) + (0,) * 6, 600, cache)
+    assert (out.status, out.reason) == (Status.OKAY, "")
+    assert out.segments == tuple(segs)
+    assert rig.gt.map_calls == [((ro_ref,), True), ((ro_ref,), False)]
+    assert (out.maps, out.unmaps, out.new_grants) == (1, 1, {})
+    assert rig.gt.live == 1  # the cached page only
+    rig.finish(warm)
+    assert rig.gt.live == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
