@@ -9,7 +9,7 @@ never branches on the protocol name. Parsing works on a private copy of a ring s
 from __future__ import annotations
 
 import struct
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 from ..errors import NegotiationError
 from .const import (
@@ -159,7 +159,7 @@ class Abi:
         return rid, op, status
 
 
-def parse_indirect_segments(pages: bytes, count: int) -> Tuple[Segment, ...]:
+def parse_indirect_segments(pages: Union[bytes, bytearray], count: int) -> Tuple[Segment, ...]:
     """The first ``count`` segment descriptors of a private copy of the indirect pages."""
     return tuple(map(Segment._make, SEGMENT.iter_unpack(memoryview(pages)[:count * SEGMENT_SIZE])))
 

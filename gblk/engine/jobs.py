@@ -10,7 +10,7 @@ persistent-grant mappings, which it hands back to the ring's cache.
 from __future__ import annotations
 
 import mmap
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..blkif.abi import Segment, parse_indirect_segments
 from ..blkif.const import SECTOR_SHIFT, Op, Status
@@ -74,6 +74,7 @@ def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int,
     out = Outcome()
     npages = indirect_pages(nr_segments)
     refs = list(grefs[:npages])
+    raw: Union[bytes, bytearray]
     try:
         if ctx.mode == MODE_COPY:
             buf = bytearray(npages * PAGE_SIZE)
@@ -92,30 +93,37 @@ def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int,
             bad = [s for s in statuses if s != 0]
             if bad:
                 return out.fail("grant_copy", f"indirect page copy status {bad[0]}")
-            raw = bytes(buf)
+            raw = buf  # private already: the guest cannot change it
         elif ctx.mode == MODE_PERSISTENT:
             mappings: List[GrantMapping] = []
             try:
                 pages = _map_persistent(ctx, refs, cached or {}, False, out, mappings)
-                raw = b"".join(bytes(pages[r]) for r in refs)  # the one read of them
+                out.segments = read_descriptors(pages, refs, nr_segments)
+            except GrantError as e:
+                out.fail("grant_map", str(e))
             finally:
                 _release(mappings, out)
-            if out.status != Status.OKAY:
-                return out
+            return out
         else:
             mapping = ctx.gnttab.map_grant_refs(ctx.domid, refs, False)
             out.maps += len(refs)
             try:
-                raw = b"".join(bytes(p) for p in mapping.pages)  # the one read of them
+                raw = b"".join(mapping.pages)  # the one read of them
             finally:
                 mapping.unmap()
                 out.unmaps += len(refs)
     except GrantError as e:
-        _release([], out.fail("grant_map", str(e)))
-        return out
-    segments = parse_indirect_segments(raw, nr_segments)
-    out.segments = segments
+        return out.fail("grant_map", str(e))
+    out.segments = parse_indirect_segments(raw, nr_segments)
     return out
+
+
+def read_descriptors(pages: Mapping[int, memoryview], refs: Sequence[int],
+                     nr_segments: int) -> Tuple[Segment, ...]:
+    """The segments of INDIRECT descriptor pages mapped as ``pages`` (gref -> view),
+    parsed from one private copy: the guest may rewrite the pages meanwhile, the copy
+    is what gets checked and used."""
+    return parse_indirect_segments(b"".join([pages[r] for r in refs]), nr_segments)
 
 
 def run_request(

@@ -33,7 +33,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 import gevent
 import gevent.event
 
-from ..blkif.abi import Abi, Request, Segment, parse_indirect_segments
+from ..blkif.abi import Abi, Request, Segment
 from ..blkif.const import Op, Status
 from ..blkif.ring import BackRing
 from ..blkif.validate import DiskLimits, check_header, effective_op, indirect_pages, status_for
@@ -307,10 +307,9 @@ class RingWorker:
                 # every descriptor page is a cached persistent grant: read them here
                 # (a copy of mapped memory; no syscall, no thread handoff)
                 try:
-                    raw = b"".join(bytes(have[r]) for r in refs)
+                    p.segments = jobs.read_descriptors(have, refs, req.nr_segments)
                 finally:
                     self._pgrants.release(have)
-                p.segments = parse_indirect_segments(raw, req.nr_segments)
                 p.phase = 1
             if op == Op.DISCARD:
                 batch.append((p, jobs.run_discard,

@@ -77,10 +77,6 @@ def open_error(err: int) -> XenUnavailable:
     return XenUnavailable(f"cannot open the Xen event channel device {DEVICE}: {os.strerror(err)}")
 
 
-def _poll_class() -> Any:
-    return original("select", "poll")
-
-
 class RealEventChannel(EventChannel):
     """A handle on /dev/xen/evtchn. Opening raises XenUnavailable without Xen."""
 
@@ -94,7 +90,7 @@ class RealEventChannel(EventChannel):
         self._fd = int(self._lib.xenevtchn_fd(handle))
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        self._poll = _poll_class()()
+        self._poll = original("select", "poll")()  # never yields to the hub
         self._poll.register(self._fd, select.POLLIN)
 
     def fileno(self) -> int:

@@ -31,7 +31,7 @@ import cffi
 
 def original(module: str, name: str) -> Any:
     """``module.name`` as it was before any gevent monkey-patching."""
-    if "gevent.monkey" in sys.modules or "gevent" in sys.modules:
+    if "gevent" in sys.modules:  # not loaded: nothing is patched
         monkey = importlib.import_module("gevent.monkey")
         return monkey.get_original(module, name)
     return getattr(importlib.import_module(module), name)
