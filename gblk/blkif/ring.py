@@ -9,7 +9,7 @@ layer: CPython itself orders nothing for a frontend on another CPU.
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 from ..errors import RingError
 from .const import PAGE_SIZE, RING_HEADER_SIZE, U32_MASK
@@ -104,6 +104,28 @@ class BackRing(_Ring):
             cons = (cons + 1) & U32_MASK
         self.req_cons = cons
         return out
+
+    def take_block(self, limit: int) -> Tuple[bytes, int, int]:
+        """Like ``take_requests``, as one private copy of the slots: (bytes holding
+        ``n`` entries of ``entry_size`` back to back, ``n``, ring index of the first).
+        One copy of the whole run (two pieces when it wraps), read exactly once."""
+        n = min(self.unconsumed(), limit)
+        start = self.req_cons
+        if n <= 0:
+            return b"", 0, start
+        self.fence()  # read the slots only after req_prod (rmb)
+        size = self.entry_size
+        first = start & self.mask
+        buf = self.buf
+        lo = RING_HEADER_SIZE + first * size
+        if first + n <= self.slots:
+            block = bytes(buf[lo:lo + n * size])
+        else:
+            k = self.slots - first
+            block = bytes(buf[lo:lo + k * size]) + bytes(
+                buf[RING_HEADER_SIZE:RING_HEADER_SIZE + (n - k) * size])
+        self.req_cons = (start + n) & U32_MASK
+        return block, n, start
 
     def put_response(self, raw: bytes) -> None:
         """Write one response at rsp_prod_pvt (not yet visible to the frontend)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 import gevent
 
@@ -19,9 +19,9 @@ from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVA
 from ..blkif.const import XenbusState as S
 from ..blkif.validate import DiskLimits
 from ..config import BackendConfig
-from ..engine import jobs
-from ..engine.ring import RingContext, RingWorker
-from ..engine.stats import DaemonStats, DeviceStats, RingStats
+from ..engine import jobs, pages
+from ..engine.dataplane import Dataplane
+from ..engine.stats import DaemonStats, DeviceStats
 from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
 from ..storage import Store, open_store
@@ -69,7 +69,7 @@ class Device:
         self._on_removed = on_removed
         self.store: Optional[Store] = None
         self.gnttab: Optional[GrantTable] = None
-        self.rings: List[RingWorker] = []
+        self.dataplane: Optional[Dataplane] = None
         self.attached = False
         self.removed = False
         self._failed_on: Optional[tuple] = None
@@ -272,22 +272,18 @@ class Device:
         size = jobs.apply(ctx.pool, store.size)
         sectors = size // SECTOR_SIZE
         limits = self._limits(sectors)
-        rctx = RingContext(
+        dp = Dataplane(
             host=ctx.host, gnttab=self.gnttab, store=store, domid=self.domid, abi=params.abi,
-            limits=limits, mode=mode, pool=ctx.pool, device_stats=self.stats, log=self.log,
+            limits=limits, path=mode, pool=ctx.pool, device_stats=self.stats, log=self.log,
             guest_log=self.log.guest_warning, max_persistent_grants=cfg.max_persistent_grants,
             persistent_grant_idle=cfg.persistent_grant_idle,
         )
         self.stats.persistent_grants_limit = (
-            cfg.max_persistent_grants * len(params.queues) if mode == jobs.MODE_PERSISTENT else 0)
+            cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)
         self.stats.sectors = sectors
+        self.dataplane = dp
         try:
-            for i, q in enumerate(params.queues):
-                rs = RingStats(queue=i)
-                self.stats.rings[i] = rs
-                w = RingWorker(rctx, i, q.ring_refs, q.event_channel, rs)
-                self.rings.append(w)
-                w.start()
+            dp.start([(q.ring_refs, q.event_channel) for q in params.queues])
         except BaseException:
             self._stop_rings(ctx.stop_timeout)
             raise
@@ -299,7 +295,7 @@ class Device:
             discard = (store.discard_granularity, store.discard_alignment, limits.discard_secure)
         nodes = xb.connect_nodes(sectors, store.sector_size, store.physical_sector_size, info,
                                  flush=True, barrier=True, discard=discard,
-                                 persistent=mode == jobs.MODE_PERSISTENT)
+                                 persistent=dp.pages.persistent)
 
         def tx(t: XenStoreOps) -> None:
             if t.read(f"{self.path}/{xb.STATE}") is None:
@@ -320,18 +316,17 @@ class Device:
         if want == "copy":
             assert self.gnttab is not None
             if self.gnttab.supports_copy:
-                return jobs.MODE_COPY
+                return pages.COPY
             self.log.warning("grant copy not supported on this host: mapping instead")
-            return jobs.MODE_MAP
+            return pages.MAP
         if want in ("auto", "persistent") and persistent:
-            return jobs.MODE_PERSISTENT
-        return jobs.MODE_MAP
+            return pages.PERSISTENT
+        return pages.MAP
 
     def _stop_rings(self, timeout: float) -> None:
-        rings, self.rings = self.rings, []
-        for w in rings:
-            w.stop(timeout)
-        if rings:
+        dp, self.dataplane = self.dataplane, None
+        if dp is not None:
+            dp.stop(timeout)
             # the device's counters never go back: the stopped rings' counts live on
             for rs in self.stats.rings.values():
                 self.stats.retired.absorb(rs)
@@ -363,9 +358,8 @@ class Device:
             return
         self.log.info("resized: %d -> %d sectors", self.stats.sectors, sectors)
         self.stats.sectors = sectors
-        for w in self.rings:
-            w.ctx.limits = self._limits(sectors)
-            w.ctx.job.limits = w.ctx.limits
+        if self.dataplane is not None:
+            self.dataplane.resize(self._limits(sectors))
         xs = self.ctx.xs
         xs.write(f"{self.path}/{xb.SECTORS}", str(sectors))
         # rewrite state with its current value so the frontend's watch fires
@@ -374,7 +368,7 @@ class Device:
             xs.write(f"{self.path}/{xb.STATE}", cur)
 
     def set_persistent_limit(self, limit: int) -> None:
-        for w in self.rings:
-            w.set_persistent_limit(limit)
+        if self.dataplane is not None:
+            self.dataplane.set_persistent_limit(limit)
 
 

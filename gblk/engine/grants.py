@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 from ..xen.interfaces import GrantMapping
 
@@ -32,6 +32,8 @@ class PersistentGrants:
         self.idle_seconds = idle_seconds
         self._entries: "OrderedDict[int, _Entry]" = OrderedDict()
         self.evictions = 0
+        #: the time ``views`` stamps entries with (the ring sets it once per pass)
+        self.now = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -49,6 +51,24 @@ class PersistentGrants:
                 entries.move_to_end(ref)
                 found[ref] = e.view
         return found
+
+    def views(self, segments: Iterable[Any]) -> Optional[List[memoryview]]:
+        """For IO on the hub, now: the ``[first_sect, last_sect]`` slice of each
+        segment's page (XSA-403), or None unless every page is cached. Nothing is
+        pinned: the caller releases the slices before it yields."""
+        entries = self._entries
+        now = self.now
+        out: List[memoryview] = []
+        for s in segments:
+            e = entries.get(s.gref)
+            if e is None:
+                for v in out:
+                    v.release()
+                return None
+            entries.move_to_end(s.gref)
+            e.last_used = now
+            out.append(e.view[s.first_sect << 9:(s.last_sect + 1) << 9])
+        return out
 
     def release(self, grefs: Iterable[int]) -> None:
         now = time.monotonic()

@@ -1,57 +1,44 @@
-"""The blocking half of the dataplane: one job per request, run in the threadpool.
+"""The blocking half of the dataplane: what runs in the threadpool.
 
-A job maps (or copies) the guest pages it needs, does the IO straight into them,
-unmaps, and returns an ``Outcome``. It never raises, never logs, never touches the
-ring, gevent objects or stats: the hub side does the bookkeeping from the Outcome.
-Invariant: every mapping a job makes is unmapped before it returns, except new
-persistent-grant mappings, which it hands back to the ring's cache.
+A job gets the guest pages it needs through the connection's page source
+(``gblk.engine.pages``), does the IO straight into them, releases what it mapped and
+returns an ``Outcome``. It never raises, never logs, never touches the ring, gevent
+objects or stats: the hub side does the bookkeeping from the Outcome. Every check of
+a request's header is made on the hub before a job exists; a job checks only what
+it reads itself (INDIRECT descriptors). Invariant: every mapping a job makes is
+unmapped before it returns, except new persistent-grant mappings, which it hands
+back to the ring's cache.
 """
 
 from __future__ import annotations
 
-import mmap
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..blkif.abi import Segment, parse_indirect_segments
-from ..blkif.const import SECTOR_SHIFT, Op, Status
+from ..blkif.abi import Segment
+from ..blkif.const import SECTOR_SHIFT
 from ..blkif.validate import DiskLimits, check_segments, indirect_pages
 from ..errors import GblkError, GrantError, InvalidRequest
 from ..storage import Store
-from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapping, GrantTable
+from ..xen.interfaces import GrantMapping, GrantTable
+from . import pages as _pages
+from .pages import Outcome, PageSource, join_descriptors, page_source
 
-MODE_MAP = "map"
-MODE_PERSISTENT = "persistent"
-MODE_COPY = "copy"
+MODE_MAP = _pages.MAP
+MODE_PERSISTENT = _pages.PERSISTENT
+MODE_COPY = _pages.COPY
 
+__all__ = ["Outcome", "JobContext", "run_request", "run_indirect", "read_indirect",
+           "read_descriptors", "run_discard", "run_batch", "unmap_all", "unmap_reporting", "apply", "flush_only"]
 
-class Outcome:
-    __slots__ = ("status", "reason", "nbytes", "maps", "unmaps", "copies", "new_grants",
-                 "segments", "detail")
-
-    def __init__(self) -> None:
-        self.status = int(Status.OKAY)
-        self.reason = ""
-        self.detail = ""
-        self.nbytes = 0
-        self.maps = 0
-        self.unmaps = 0
-        self.copies = 0
-        #: persistent mode: gref -> single-page mapping made by this job, for the cache
-        self.new_grants: Dict[int, GrantMapping] = {}
-        #: indirect phase 1: the segments read from the indirect pages
-        self.segments: Tuple[Segment, ...] = ()
-
-    def fail(self, reason: str, detail: str = "", status: int = Status.ERROR) -> "Outcome":
-        self.status = int(status)
-        self.reason = reason
-        self.detail = detail
-        return self
+#: kept for callers that parse descriptor pages themselves
+read_descriptors = join_descriptors
 
 
 class JobContext:
-    """What every job of one device needs; built once per connection."""
+    """What every job of one connection needs; built once per connection."""
 
-    __slots__ = ("gnttab", "store", "domid", "limits", "mode")
+    __slots__ = ("gnttab", "store", "domid", "limits", "mode", "pages")
 
     def __init__(self, gnttab: GrantTable, store: Store, domid: int, limits: DiskLimits,
                  mode: str) -> None:
@@ -60,70 +47,60 @@ class JobContext:
         self.domid = domid
         self.limits = limits
         self.mode = mode
+        self.pages: PageSource = page_source(mode, gnttab, store, domid)
 
 
 def read_indirect(ctx: JobContext, grefs: Sequence[int], nr_segments: int,
                   cached: Optional[Dict[int, memoryview]] = None) -> Outcome:
-    """Phase 1 of INDIRECT: copy the descriptor pages once, parse and check the copy.
-
-    With persistent grants the descriptor pages are cached like data pages (Linux's
-    blkfront takes them from its persistent pool, and blkback keeps them): ``cached``
-    holds those already mapped, the others are mapped here and handed back in
-    ``new_grants``.
-    """
+    """The descriptor pages of an INDIRECT request, copied once and parsed into
+    ``out.segments`` (persistent: ``cached`` holds those already mapped; the others
+    are mapped here and handed back in ``new_grants``)."""
     out = Outcome()
-    npages = indirect_pages(nr_segments)
-    refs = list(grefs[:npages])
-    raw: Union[bytes, bytearray]
-    try:
-        if ctx.mode == MODE_COPY:
-            buf = bytearray(npages * PAGE_SIZE)
-            view = memoryview(buf)
-            segs = [CopySegment(ctx.domid, r, 0, PAGE_SIZE, view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], True)
-                    for i, r in enumerate(refs)]
-            try:
-                statuses = ctx.gnttab.grant_copy(segs)
-            except GrantError as e:
-                return out.fail("grant_copy", str(e))
-            finally:
-                for c in segs:
-                    c.local.release()
-                view.release()
-            out.copies += len(segs)
-            bad = [s for s in statuses if s != 0]
-            if bad:
-                return out.fail("grant_copy", f"indirect page copy status {bad[0]}")
-            raw = buf  # private already: the guest cannot change it
-        elif ctx.mode == MODE_PERSISTENT:
-            mappings: List[GrantMapping] = []
-            try:
-                pages = _map_persistent(ctx, refs, cached or {}, False, out, mappings)
-                out.segments = read_descriptors(pages, refs, nr_segments)
-            except GrantError as e:
-                out.fail("grant_map", str(e))
-            finally:
-                _release(mappings, out)
-            return out
-        else:
-            mapping = ctx.gnttab.map_grant_refs(ctx.domid, refs, False)
-            out.maps += len(refs)
-            try:
-                raw = b"".join(mapping.pages)  # the one read of them
-            finally:
-                mapping.unmap()
-                out.unmaps += len(refs)
-    except GrantError as e:
-        return out.fail("grant_map", str(e))
-    out.segments = parse_indirect_segments(raw, nr_segments)
+    refs = list(grefs[:indirect_pages(nr_segments)])
+    _descriptors(ctx, refs, nr_segments, cached or {}, out)
     return out
 
 
-def read_descriptors(pages: Mapping[int, memoryview], refs: Sequence[int],
-                     nr_segments: int) -> Tuple[Segment, ...]:
-    """The segments of INDIRECT descriptor pages mapped as ``pages`` (gref -> view),
-    parsed from one private copy: the guest may rewrite the pages meanwhile, the copy
-    is what gets checked and used."""
-    return parse_indirect_segments(b"".join([pages[r] for r in refs]), nr_segments)
+def _descriptors(ctx: JobContext, refs: Sequence[int], nr_segments: int,
+                 cached: Dict[int, memoryview], out: Outcome) -> bool:
+    try:
+        out.segments = ctx.pages.descriptors(refs, nr_segments, cached, out)
+    except GrantError as e:
+        out.fail("grant_map", str(e))
+    except Exception as e:  # noqa: BLE001 - a failed descriptor copy
+        detail = _pages.copy_failed(e)
+        if detail is None:
+            raise
+        out.fail("grant_copy", detail)
+    if out.status != 0:
+        _pages.release([], out)  # a failed request caches nothing
+        return False
+    return True
+
+
+def run_indirect(ctx: JobContext, op: int, grefs: Sequence[int], nr_segments: int,
+                 sector: int, cached: Dict[int, memoryview]) -> Outcome:
+    """A whole INDIRECT request in one handoff: read and check its descriptors, then
+    its data (``cached``: the descriptor pages already mapped, persistent only)."""
+    out = Outcome()
+    refs = list(grefs[:indirect_pages(nr_segments)])
+    if not _descriptors(ctx, refs, nr_segments, cached, out):
+        return out
+    try:
+        check_segments(sector, out.segments, ctx.limits)
+    except InvalidRequest as e:
+        out.fail(e.reason, str(e))
+        _pages.release([], out)
+        return out
+    new = out.new_grants  # descriptor pages mapped here: the data may use them too
+    data: Dict[int, memoryview] = {r: m.pages[0] for r, m in new.items()}
+    try:
+        ctx.pages.io(op, out.segments, sector << SECTOR_SHIFT, data, out)
+    except OSError as e:
+        out.fail("io_error", e.strerror or str(e))
+    if out.status != 0:
+        _pages.release([], out)
+    return out
 
 
 def run_request(
@@ -138,7 +115,9 @@ def run_request(
     """READ/WRITE (also the data part of FLUSH/BARRIER/INDIRECT) and data-less flushes.
 
     ``op`` is Op.READ or Op.WRITE (direction of the data), ``cached`` the persistent
-    grants already mapped (gref -> page view) that this job may use.
+    grants already mapped (gref -> page view) that this job may use. The segments
+    are checked again here (cheap, pure): a caller that did not check them (tests,
+    INDIRECT read elsewhere) gets the same answer as the hub would give.
     """
     out = Outcome()
     store = ctx.store
@@ -151,160 +130,29 @@ def run_request(
         if presync:
             store.flush()
         if segments:
-            offset = sector << SECTOR_SHIFT
-            if ctx.mode == MODE_COPY:
-                _copy_io(ctx, op, segments, offset, out)
-            else:
-                _mapped_io(ctx, op, segments, offset, cached, out)
-            if out.status != Status.OKAY:
+            ctx.pages.io(op, segments, sector << SECTOR_SHIFT, cached, out)
+            if out.status != 0:
                 return out
         if postsync:
             store.flush()
     except OSError as e:
+        _pages.release([], out)
         return out.fail("io_error", e.strerror or str(e))
     return out
 
 
-def _slices(pages: Dict[int, memoryview], segments: Sequence[Segment]) -> List[memoryview]:
-    """Exactly [first_sect, last_sect] of each page: nothing outside is touched (XSA-403)."""
-    return [
-        pages[s.gref][s.first_sect << SECTOR_SHIFT:(s.last_sect + 1) << SECTOR_SHIFT]
-        for s in segments
-    ]
-
-
-def _map_persistent(ctx: JobContext, refs: Sequence[int], cached: Dict[int, memoryview],
-                    writable: bool, out: Outcome, mappings: List[GrantMapping]) -> Dict[int, memoryview]:
-    """gref -> page for ``refs``: ``cached`` ones as they are, the others mapped one
-    grant per mapping (so the cache can unmap them one by one) and writable whatever
-    the op, into ``out.new_grants``. A read-only grant where only reading is needed
-    (``writable`` False) is used but not kept: its mapping goes to ``mappings``."""
-    pages: Dict[int, memoryview] = dict(cached)
-    for ref in refs:
-        if ref in pages:
-            continue
-        try:
-            m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], True)
-            out.new_grants[ref] = m
-        except GrantError:
-            if writable:
-                raise
-            m = ctx.gnttab.map_grant_refs(ctx.domid, [ref], False)
-            mappings.append(m)
-        out.maps += 1
-        pages[ref] = m.pages[0]
-    return pages
-
-
-def _release(mappings: List[GrantMapping], out: Outcome) -> None:
-    """Unmap a job's transient mappings, and its new persistent ones if it failed (the
-    grants may be bogus: a failed request caches nothing)."""
-    release = list(mappings)
-    if out.status != Status.OKAY and out.new_grants:
-        release.extend(out.new_grants.values())
-        out.new_grants = {}
-    for m in release:
-        n = len(m.pages)
-        try:
-            m.unmap()
-            out.unmaps += n
-        except GrantError as e:  # counted, reported; never raised out of a job
-            out.fail("grant_map", f"unmap failed: {e}")
-
-
-def _mapped_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: int,
-               cached: Dict[int, memoryview], out: Outcome) -> None:
-    writable = op == Op.READ
-    mappings: List[GrantMapping] = []
-    try:
-        if ctx.mode == MODE_PERSISTENT:
-            pages = _map_persistent(ctx, [s.gref for s in segments], cached, writable, out,
-                                    mappings)
-        else:
-            missing: List[int] = []
-            for s in segments:
-                if s.gref not in cached and s.gref not in missing:
-                    missing.append(s.gref)
-            pages = dict(cached)
-            if missing:
-                m = ctx.gnttab.map_grant_refs(ctx.domid, missing, writable)
-                out.maps += len(missing)
-                mappings.append(m)
-                pages.update(zip(missing, m.pages))
-        views = _slices(pages, segments)
-        try:
-            if op == Op.READ:
-                ctx.store.readv(views, offset)
-            else:
-                ctx.store.writev(views, offset)
-        finally:
-            for v in views:
-                v.release()
-        out.nbytes = _nbytes(segments)
-    except GrantError as e:
-        out.fail("grant_map", str(e))
-    finally:
-        # unmap before the response is published: the frontend reclaims the page
-        # as soon as it sees the response
-        _release(mappings, out)
-
-
-def _nbytes(segments: Sequence[Segment]) -> int:
-    return sum((s.last_sect - s.first_sect + 1) << SECTOR_SHIFT for s in segments)
-
-
-def _copy_io(ctx: JobContext, op: int, segments: Sequence[Segment], offset: int,
-             out: Outcome) -> None:
-    total = _nbytes(segments)
-    # page-aligned bounce buffer (O_DIRECT wants aligned memory)
-    bounce = mmap.mmap(-1, max(total, PAGE_SIZE))
-    view = memoryview(bounce)
-    try:
-        copies = []
-        pos = 0
-        for s in segments:
-            length = (s.last_sect - s.first_sect + 1) << SECTOR_SHIFT
-            copies.append(CopySegment(ctx.domid, s.gref, s.first_sect << SECTOR_SHIFT, length,
-                                      view[pos:pos + length], op != Op.READ))
-            pos += length
-        data = [view[:total]]
-        try:
-            if op == Op.READ:
-                ctx.store.readv(data, offset)
-                statuses = ctx.gnttab.grant_copy(copies)
-            else:
-                statuses = ctx.gnttab.grant_copy(copies)
-                bad = [st for st in statuses if st]
-                if not bad:
-                    ctx.store.writev(data, offset)
-            out.copies += len(copies)
-            bad = [st for st in statuses if st]
-            if bad:
-                out.fail("grant_copy", f"grant copy status {bad[0]}")
-            else:
-                out.nbytes = total
-        except GrantError as e:
-            out.fail("grant_copy", str(e))
-        finally:
-            for c in copies:
-                c.local.release()
-            for d in data:
-                d.release()
-    finally:
-        view.release()
-        bounce.close()
-
-
-def run_batch(items: Sequence[Tuple[Callable[..., Outcome], Tuple[Any, ...]]]) -> List[Any]:
-    """Several requests' jobs in order, in one threadpool job. Each result is an
-    Outcome or, should a job ever raise (a bug), the exception: never raised here."""
+def run_batch(items: Sequence[Tuple[Callable[..., Outcome], Tuple[Any, ...]]]) -> Tuple[List[Any], float]:
+    """Several requests' jobs in order, in one threadpool job: the results (each an
+    Outcome or, should a job ever raise (a bug), the exception: never raised here)
+    and the seconds they took (the ring sizes its batches by it)."""
     out: List[Any] = []
+    t0 = time.perf_counter()
     for fn, args in items:
         try:
             out.append(fn(*args))
         except Exception as e:  # noqa: BLE001 - handed to the hub, which answers ERROR
             out.append(e)
-    return out
+    return out, time.perf_counter() - t0
 
 
 def run_discard(ctx: JobContext, sector: int, nr_sectors: int, secure: bool) -> Outcome:
@@ -318,12 +166,25 @@ def run_discard(ctx: JobContext, sector: int, nr_sectors: int, secure: bool) -> 
 
 
 def unmap_all(mappings: Sequence[GrantMapping]) -> int:
-    """Unmap cache entries (eviction, idle sweep, disconnect). Returns how many."""
+    """Unmap ``mappings``; how many. Raises the first GrantError (tests, teardown)."""
     n = 0
     for m in mappings:
         m.unmap()
         n += 1
     return n
+
+
+def unmap_reporting(mappings: Sequence[GrantMapping]) -> List[str]:
+    """Unmap cache entries (eviction, idle sweep, disconnect) in a job: the errors of
+    those that would not go, for the hub to log and count (never lost, never raised
+    out of the threadpool)."""
+    errors: List[str] = []
+    for m in mappings:
+        try:
+            m.unmap()
+        except GrantError as e:
+            errors.append(str(e))
+    return errors
 
 
 class _Raised:

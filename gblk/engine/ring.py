@@ -1,48 +1,62 @@
 """One ring (queue) of one device: the greenlet that serves it.
 
-The data path of ARCHITECTURE.md: wake on the event channel, copy each new slot
-once, validate, hand the IO to the threadpool (one job per request), answer on
-completion, publish, notify only when the ring says so, re-arm, sleep. An INDIRECT
-request's descriptor pages are read in a job of their own first, except when they
-are all cached persistent grants: then the hub copies them (mapped memory, no
-syscall) and the request goes straight to its data job.
+The data path of ARCHITECTURE.md, built for what each request costs:
 
-Every request consumed from the ring lives in ``self.inflight`` (one table owned by
-the ring, keyed by a private sequence number) until its response is written: every
-consumed request is answered exactly once, whatever was wrong with it. A broken
-producer index halts this ring only.
+1. Wake on the event channel; take the one pending port of this handle and unmask it.
+2. Copy every new slot in one piece (``BackRing.take_block``) and parse the copy with
+   the ABI's precompiled structs; every check of a request is made here, on the hub,
+   so a bad request is answered at once and never costs a thread handoff.
+3. READ/WRITE whose grants are all in the persistent cache are served on the hub when
+   the store can do so without blocking (``Store.readv_nowait``: a read served by the
+   page cache is one ``preadv2(RWF_NOWAIT)``); everything else goes to the threadpool,
+   one job per pass when the store is fast (a handoff costs more than the IO then),
+   split into up to ``JOBS_PER_PASS`` jobs when it is slow (a disk wants several
+   requests at once). An INDIRECT request is one job at most, descriptors and data.
+4. Answers are recorded per ring slot (the slot index is the request's place in ring
+   order: preallocated arrays, no object per request) and written into the ring in
+   the order the requests were consumed, right before ``rsp_prod`` is published.
 
-Responses are written in the order the requests were consumed (a finished request
-waits in ``self._held`` for the ones before it), once per pass, right before
-``rsp_prod`` is published. A response takes the slot at
-``rsp_prod_pvt``, which is the slot of the oldest unanswered request: written out of
-order it would overwrite a request still in flight, and a daemon killed then (SIGKILL,
-a crash) would leave that request lost for good. In order, every request at or after
-``rsp_prod`` is still in its slot, so a restarted gblk attaching from ``rsp_prod``
-serves them all. The price: a slow request delays the responses (not the IO) of the
-requests behind it on its ring.
+Why in order: a response takes the slot at ``rsp_prod_pvt``, the slot of the oldest
+unanswered request. Written out of order it would overwrite a request still in
+flight, and a daemon killed then (SIGKILL, a crash) would lose that request for good.
+In order, every request at or after ``rsp_prod`` is still in its slot, so a restarted
+gblk attaching from ``rsp_prod`` serves them all. The price: a slow request delays
+the responses (not the IO) of the requests behind it on its ring.
+
+Every consumed request is answered exactly once (``_finish`` is the only place that
+records an answer, and a slot is published once). A broken producer index halts
+this ring only.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import time
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.event
 
-from ..blkif.abi import Abi, Request, Segment
-from ..blkif.const import Op, Status
+from ..blkif.abi import Segment
+from ..blkif.const import (
+    BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    RING_HEADER_SIZE,
+    SECTOR_SHIFT,
+    U32_MASK,
+    Op,
+    Status,
+)
 from ..blkif.ring import BackRing
-from ..blkif.validate import DiskLimits, check_header, effective_op, indirect_pages, status_for
+from ..blkif.validate import check_header, check_segments, indirect_pages, status_for
 from ..errors import GblkError, InvalidRequest, RingError
-from ..storage import Store
-from ..xen.interfaces import EventChannel, GrantMapping, GrantTable, XenHost
+from ..xen.interfaces import EventChannel, GrantMapping
 from . import jobs
 from .grants import PersistentGrants
-from .stats import DeviceStats, RingStats
+from .pages import Outcome
+from .stats import RingStats
+
+if TYPE_CHECKING:  # the dataplane imports this module
+    from .dataplane import Dataplane
 
 _OP_LABEL: Dict[int, str] = {
     Op.READ: "read",
@@ -53,65 +67,32 @@ _OP_LABEL: Dict[int, str] = {
 }
 
 SWEEP_INTERVAL = 10.0
-#: threadpool jobs one ring pass is split into (each runs its requests in order)
+#: most threadpool jobs one ring pass is split into when the store is slow
 JOBS_PER_PASS = 4
+#: seconds per request below which a store counts as fast: a whole pass in one job
+FAST_JOB_SECONDS = 50e-6
 
+_READ = int(Op.READ)
+_WRITE = int(Op.WRITE)
+_OKAY = int(Status.OKAY)
+_MAX_SEGS = BLKIF_MAX_SEGMENTS_PER_REQUEST
 
-class _Pending:
-    """A consumed request until its response is written."""
-
-    __slots__ = ("seq", "req", "t0", "segments", "phase", "pinned", "label")
-
-    def __init__(self, seq: int, req: Request, t0: float) -> None:
-        self.seq = seq
-        self.req = req
-        self.t0 = t0
-        self.segments: Tuple[Segment, ...] = req.segments
-        self.phase = 0  # INDIRECT: 0 = descriptors not read yet, 1 = data
-        self.pinned: List[int] = []
-        op = effective_op(req)
-        self.label = _OP_LABEL.get(op, "unsupported")
-
-
-class RingContext:
-    """What the rings of one connected device share."""
-
-    def __init__(
-        self,
-        host: XenHost,
-        gnttab: GrantTable,
-        store: Store,
-        domid: int,
-        abi: Abi,
-        limits: DiskLimits,
-        mode: str,
-        pool: Any,
-        device_stats: DeviceStats,
-        log: logging.LoggerAdapter,
-        guest_log: Callable[[str], None],
-        max_persistent_grants: int,
-        persistent_grant_idle: float,
-    ) -> None:
-        self.host = host
-        self.gnttab = gnttab
-        self.store = store
-        self.domid = domid
-        self.abi = abi
-        self.limits = limits
-        self.job = jobs.JobContext(gnttab, store, domid, limits, mode)
-        self.mode = mode
-        self.pool = pool
-        self.device_stats = device_stats
-        self.log = log
-        self.guest_log = guest_log
-        self.max_persistent_grants = max_persistent_grants
-        self.persistent_grant_idle = persistent_grant_idle
+#: a job item: (slot, function, arguments, pinned persistent grants)
+_Item = Tuple[int, Callable[..., Outcome], Tuple[Any, ...], Optional[List[int]]]
 
 
 class RingWorker:
-    def __init__(self, ctx: RingContext, queue: int, ring_refs: Tuple[int, ...],
+    """Serves one ring of one connected disk until stopped.
+
+    Owns the ring mapping, its event-channel handle and its persistent-grant cache;
+    shares the store, grant table, page source and limits of its ``Dataplane``.
+    ``start()`` maps and binds; ``stop()`` answers every consumed request, then
+    releases everything (idempotent; safe after a half-finished start).
+    """
+
+    def __init__(self, dp: "Dataplane", queue: int, ring_refs: Tuple[int, ...],
                  remote_port: int, stats: RingStats) -> None:
-        self.ctx = ctx
+        self.dp = dp
         self.queue = queue
         self.ring_refs = ring_refs
         self.remote_port = remote_port
@@ -122,39 +103,49 @@ class RingWorker:
         self.port: Optional[int] = None
         self._io: Any = None
         self._wake = gevent.event.Event()
-        self._done: Deque[Tuple[List[_Pending], Any]] = collections.deque()  # (requests, job result)
-        self._queue: Deque[_Pending] = collections.deque()
-        self.inflight: Dict[int, _Pending] = {}
-        self._seq = 0
-        #: seq -> (packed response, op label, t0) of a finished request waiting for
-        #: earlier ones
-        self._held: Dict[int, Tuple[bytes, str, float]] = {}
-        self._next_answer = 1  # seq of the oldest request not yet written to the ring
-        self._jobs = 0  # threadpool jobs running
-        self._barrier = False  # a barrier job runs: dispatch nothing else
+        self._done: Deque[Tuple[List[_Item], Any]] = collections.deque()
+        #: consumed requests waiting behind a barrier: (slot, private copy of the slot)
+        self._queue: Deque[Tuple[int, bytes]] = collections.deque()
+        self._jobs = 0  # requests in threadpool jobs
+        self._barrier = False  # a barrier runs: dispatch nothing else
+        self._job_seconds = 0.0  # per request, moving average (0: not measured yet)
         self._stopping = False
         self._greenlet: Optional[gevent.Greenlet] = None
         self._pgrants: Optional[PersistentGrants] = None
-        if ctx.mode == jobs.MODE_PERSISTENT:
-            self._pgrants = PersistentGrants(ctx.max_persistent_grants, ctx.persistent_grant_idle)
+        if dp.pages.persistent:
+            self._pgrants = PersistentGrants(dp.max_persistent_grants, dp.persistent_grant_idle)
+        self._pg_count = 0
+        self._pg_evictions = 0
         self._next_sweep = time.monotonic() + SWEEP_INTERVAL
         self.finished = gevent.event.Event()
+        # per-slot records of consumed requests (sized in start())
+        self._rid: List[int] = []
+        self._rop: List[int] = []
+        self._status: List[Optional[int]] = []
+        self._t0: List[float] = []
+        self._label: List[str] = []
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
         """Map the ring, bind the event channel, start serving. Raises GblkError
         (the device fails this connection); ``stop()`` cleans up after a half start."""
-        ctx = self.ctx
-        self._ring_map = jobs.apply(ctx.pool, ctx.gnttab.map_grant_refs, ctx.domid, list(self.ring_refs), True)
+        dp = self.dp
+        self._ring_map = jobs.apply(dp.pool, dp.gnttab.map_grant_refs, dp.domid,
+                                    list(self.ring_refs), True)
         self.stats.grant_maps += len(self.ring_refs)
         if len(self._ring_map.pages) == 1:
             buf = self._ring_map.pages[0]
         else:  # a multi-page ring must be one contiguous buffer
             buf = _contiguous(self._ring_map)
-        self.ring = BackRing(buf, ctx.abi.req_size, ctx.abi.rsp_size, ctx.host.fence())
-        self.stats.slots = self.ring.slots
-        self.evtchn = ctx.host.open_event_channel()
-        self.port = self.evtchn.bind_interdomain(ctx.domid, self.remote_port)
+        self.ring = BackRing(buf, dp.abi.req_size, dp.abi.rsp_size, dp.host.fence())
+        n = self.stats.slots = self.ring.slots
+        self._rid = [0] * n
+        self._rop = [0] * n
+        self._status = [None] * n
+        self._t0 = [0.0] * n
+        self._label = ["read"] * n
+        self.evtchn = dp.host.open_event_channel()
+        self.port = self.evtchn.bind_interdomain(dp.domid, self.remote_port)
         hub = gevent.get_hub()
         self._io = hub.loop.io(self.evtchn.fileno(), 1)
         self._io.start(self._wake.set)
@@ -170,10 +161,13 @@ class RingWorker:
         g = self._greenlet
         if g is not None and not g.dead and g is not gevent.getcurrent():
             if not self.finished.wait(timeout):
-                self.ctx.log.error("queue %d: %d requests still in flight after %.0fs; abandoning them",
-                                   self.queue, len(self.inflight), timeout)
+                self.dp.log.error("queue %d: %d requests still in flight after %.0fs; abandoning them",
+                                  self.queue, self._outstanding(), timeout)
             g.kill(block=True, timeout=1)
         self._release()
+
+    def _outstanding(self) -> int:
+        return self.ring.outstanding() if self.ring is not None else 0
 
     def _release(self) -> None:
         if self._io is not None:
@@ -181,8 +175,7 @@ class RingWorker:
             self._io = None
         if self._jobs == 0:  # never unmap under a running job
             if self._pgrants is not None:
-                gone = self._pgrants.drain()
-                self._unmap(gone, wait=True)
+                self._unmap(self._pgrants.drain(), wait=True)
                 self._update_pgrant_gauge()
             if self.ring is not None:
                 self.ring.release()
@@ -201,7 +194,7 @@ class RingWorker:
             self.evtchn = None
 
     def _crashed(self, g: gevent.Greenlet) -> None:
-        self.ctx.log.error("queue %d: ring greenlet failed: %r", self.queue, g.exception)
+        self.dp.log.error("queue %d: ring greenlet failed: %r", self.queue, g.exception)
         self.stats.halted = True
         self.finished.set()
 
@@ -212,7 +205,7 @@ class RingWorker:
                 self._wake.wait()
                 self._wake.clear()
                 self._pass()
-                if self._stopping and not self.inflight:
+                if self._stopping and not self._outstanding():
                     break
                 if self._wake.is_set():
                     gevent.sleep(0)  # more work: let other rings and devices run first
@@ -224,39 +217,40 @@ class RingWorker:
         evtchn = self.evtchn
         assert ring is not None and evtchn is not None and self.port is not None
         st = self.stats
-        # drain notifications (a storm collapses into one pass: XSA-332)
-        while True:
-            p = evtchn.pending()
-            if p is None:
-                break
+        # This handle has one port bound: one pending() takes its event (a storm of
+        # notifications collapses into it while the port is masked: XSA-332); the fd
+        # stays readable if there is more, and the watcher wakes us again.
+        p = evtchn.pending()
+        if p is not None:
             st.notifications_received += 1
             evtchn.unmask(p)
-        self._complete()
+        if self._done:
+            self._complete()
+        if self._queue and not self._barrier:
+            self._drain_queue()
         if not self._stopping and not st.halted:
             try:
-                room = ring.slots - ring.outstanding()
-                raws = ring.take_requests(room) if room > 0 else []
+                block, n, start = ring.take_block(ring.slots - ring.outstanding())
             except RingError as e:
                 self._halt(str(e))
-                raws = []
-            if raws:
-                st.batches.observe(len(raws))
-                now = time.monotonic()
-                for raw in raws:
-                    self._accept(raw, now)
-        self._dispatch()
+                n = 0
+            if n:
+                st.batches.observe(n)
+                self._take(block, n, start)
         if self._publish():
             evtchn.notify(self.port)
             st.notifications_sent += 1
-        st.in_flight = len(self.inflight)
+        st.in_flight = ring.outstanding()
         try:
-            st.ring_fill = ring.outstanding() + (0 if st.halted else ring.unconsumed())
+            st.ring_fill = st.in_flight + (0 if st.halted else ring.unconsumed())
         except RingError:
-            st.ring_fill = ring.outstanding()
-        if self._pgrants is not None and time.monotonic() >= self._next_sweep:
-            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
-            self._unmap(self._pgrants.sweep(), wait=False)
-            self._update_pgrant_gauge()
+            st.ring_fill = st.in_flight
+        if self._pgrants is not None:
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + SWEEP_INTERVAL
+                self._unmap(self._pgrants.sweep(), wait=False)
+                self._update_pgrant_gauge()
         if not self._stopping and not st.halted and not self._queue:
             try:
                 if ring.final_check_for_requests() and ring.outstanding() < ring.slots:
@@ -269,162 +263,279 @@ class RingWorker:
         if not st.halted:
             st.halted = True
             st.errors["ring_halted"] += 1
-            self.ctx.log.error("queue %d: ring halted, frontend broke the ring: %s", self.queue, why)
+            self.dp.log.error("queue %d: ring halted, frontend broke the ring: %s", self.queue, why)
 
-    # -- requests -----------------------------------------------------------------
-    def _accept(self, raw: bytes, now: float) -> None:
-        req = self.ctx.abi.parse_request(raw)
-        self._seq += 1
-        p = _Pending(self._seq, req, now)
-        self.inflight[p.seq] = p
-        try:
-            check_header(req, self.ctx.limits)
-        except InvalidRequest as e:
-            self._answer(p, status_for(e.reason), e.reason, str(e))
-            return
-        self._queue.append(p)
-
-    def _dispatch(self) -> None:
-        ctx = self.ctx
-        q = self._queue
-        batch: List[Tuple[_Pending, Callable[..., jobs.Outcome], Tuple[Any, ...]]] = []
-        while q and not self._barrier:
-            p = q[0]
-            req = p.req
-            if req.operation == Op.WRITE_BARRIER:
-                if self._jobs or batch:
-                    break  # everything before the barrier completes first
-                self._barrier = True
-            q.popleft()
-            op = req.operation
-            if op == Op.INDIRECT and p.phase == 0 and self._pgrants is not None:
-                refs = req.indirect_grefs[:indirect_pages(req.nr_segments)]
-                have = self._pgrants.acquire(refs)
-                if len(have) < len(set(refs)):
-                    p.pinned = list(have)
-                    batch.append((p, jobs.read_indirect, (ctx.job, refs, req.nr_segments, have)))
-                    continue
-                # every descriptor page is a cached persistent grant: read them here
-                # (a copy of mapped memory; no syscall, no thread handoff)
-                try:
-                    p.segments = jobs.read_descriptors(have, refs, req.nr_segments)
-                finally:
-                    self._pgrants.release(have)
-                p.phase = 1
-            if op == Op.DISCARD:
-                batch.append((p, jobs.run_discard,
-                              (ctx.job, req.sector_number, req.nr_sectors, bool(req.flag & 1))))
-            elif op == Op.INDIRECT and p.phase == 0:
-                batch.append((p, jobs.read_indirect, (ctx.job, req.indirect_grefs, req.nr_segments)))
-            else:
-                direction = Op.READ if effective_op(req) == Op.READ else Op.WRITE
-                presync = op in (Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER)
-                postsync = op == Op.WRITE_BARRIER or (op == Op.FLUSH_DISKCACHE and bool(p.segments))
-                cached: Dict[int, memoryview] = {}
-                if self._pgrants is not None and p.segments:
-                    cached = self._pgrants.acquire(s.gref for s in p.segments)
-                    p.pinned = list(cached)
-                batch.append((p, jobs.run_request, (ctx.job, direction, p.segments,
-                                                    req.sector_number, cached, presync, postsync)))
+    # -- taking requests ------------------------------------------------------------
+    def _take(self, block: bytes, n: int, start: int) -> None:
+        """Record and serve ``n`` requests copied in ``block`` from ring index ``start``."""
+        dp = self.dp
+        abi = dp.abi
+        size = self.ring.entry_size if self.ring is not None else abi.req_size
+        mask = len(self._rid) - 1
+        now = time.monotonic()
+        if self._pgrants is not None:
+            self._pgrants.now = now
+        rid, rop, status, t0, label = self._rid, self._rop, self._status, self._t0, self._label
+        head = abi.head.unpack_from
+        batch: List[_Item] = []
+        queue = self._queue
+        for k in range(n):
+            off = k * size
+            slot = (start + k) & mask
+            op = block[off]
+            rid[slot] = head(block, off)[3]
+            rop[slot] = op
+            status[slot] = None
+            t0[slot] = now
+            label[slot] = _OP_LABEL.get(op, "unsupported")
+            if queue or self._barrier:
+                queue.append((slot, block[off:off + size]))
+            elif not self._serve(block, off, slot, batch):
+                queue.append((slot, block[off:off + size]))
         if batch:
             self._submit(batch)
 
-    def _submit(self, batch: List[Tuple[_Pending, Callable[..., jobs.Outcome], Tuple[Any, ...]]]) -> None:
-        """Hand a pass's requests to the threadpool in a few jobs rather than one each:
-        a thread handoff costs more than a syscall on a warm cache, yet a slow store
-        still sees up to JOBS_PER_PASS requests at once."""
+    def _drain_queue(self) -> None:
+        batch: List[_Item] = []
+        q = self._queue
+        while q and not self._barrier:
+            slot, raw = q[0]
+            if not self._serve(raw, 0, slot, batch):
+                break
+            q.popleft()
+        if batch:
+            self._submit(batch)
+
+    def _serve(self, block: bytes, off: int, slot: int, batch: List[_Item]) -> bool:
+        """Serve one request: answer it, or add its job to ``batch``. False: it must
+        wait (a barrier behind running jobs); nothing was done."""
+        op = block[off]
+        if op == _READ or op == _WRITE:
+            self._rw(block, off, slot, op, batch)
+            return True
+        if op == Op.WRITE_BARRIER and (self._jobs or batch):
+            return False  # everything before the barrier completes first
+        dp = self.dp
+        req = dp.abi.parse_request(bytes(block[off:off + dp.abi.req_size]))
+        if op == Op.INDIRECT:  # answered with its indirect_op, as blkback does
+            self._rop[slot] = req.indirect_op
+            self._label[slot] = _OP_LABEL.get(req.indirect_op, "unsupported")
+        try:
+            check_header(req, dp.job.limits)
+        except InvalidRequest as e:
+            self._finish(slot, status_for(e.reason), e.reason, str(e))
+            return True
+        if op == Op.DISCARD:
+            batch.append((slot, jobs.run_discard,
+                          (dp.job, req.sector_number, req.nr_sectors, bool(req.flag & 1)), None))
+        elif op == Op.INDIRECT:
+            self._indirect(slot, req.indirect_op, req.indirect_grefs, req.nr_segments,
+                           req.sector_number, batch)
+        else:  # FLUSH_DISKCACHE, WRITE_BARRIER (validated: offered, segments in range)
+            segs = req.segments
+            if segs:
+                try:
+                    check_segments(req.sector_number, segs, dp.job.limits)
+                except InvalidRequest as e:
+                    self._finish(slot, status_for(e.reason), e.reason, str(e))
+                    return True
+            barrier = op == Op.WRITE_BARRIER
+            if barrier:
+                self._barrier = True
+            cached, pinned = self._cached(segs)
+            batch.append((slot, jobs.run_request,
+                          (dp.job, _WRITE, segs, req.sector_number, cached, True,
+                           barrier or bool(segs)), pinned))
+        return True
+
+    def _rw(self, block: bytes, off: int, slot: int, op: int, batch: List[_Item]) -> None:
+        """READ/WRITE: parse, check, then serve on the hub or hand to a job."""
+        dp = self.dp
+        f = dp.abi.rw.unpack_from(block, off)
+        n = f[1]
+        if not 1 <= n <= _MAX_SEGS:
+            self._finish(slot, Status.ERROR, "invalid_segment_count", f"{n} segments")
+            return
+        lim = dp.job.limits
+        if op == _WRITE and lim.readonly:
+            self._finish(slot, Status.ERROR, "read_only", "write to a read-only disk")
+            return
+        sector = f[4]
+        segs = [Segment(f[5 + 3 * i], f[6 + 3 * i], f[7 + 3 * i]) for i in range(n)]
+        try:
+            check_segments(sector, segs, lim)
+        except InvalidRequest as e:
+            self._finish(slot, Status.ERROR, e.reason, str(e))
+            return
+        self._data(slot, op, segs, sector, batch)
+
+    def _data(self, slot: int, op: int, segs: List[Segment], sector: int,
+              batch: List[_Item]) -> None:
+        """Checked READ/WRITE segments: the hub when every page is cached and the store
+        does it without blocking, else one job item."""
+        dp = self.dp
+        pg = self._pgrants
+        if pg is not None:
+            views = pg.views(segs)
+            if views is not None:
+                total = sum(len(v) for v in views)
+                offset = sector << SECTOR_SHIFT
+                try:
+                    if op == _READ:
+                        done = dp.store.readv_nowait(views, offset, total)
+                    else:
+                        done = dp.store.writev_nowait(views, offset, total)
+                except OSError as e:
+                    self._finish(slot, Status.ERROR, "io_error", e.strerror or str(e))
+                    return
+                finally:
+                    for v in views:
+                        v.release()
+                if done:
+                    self.stats.bytes[self._label[slot]] += total
+                    self._finish(slot, _OKAY, "", "")
+                    return
+        cached, pinned = self._cached(segs)
+        batch.append((slot, jobs.run_request, (dp.job, op, segs, sector, cached, False, False),
+                      pinned))
+
+    def _indirect(self, slot: int, op: int, grefs: Tuple[int, ...], nr_segments: int,
+                  sector: int, batch: List[_Item]) -> None:
+        dp = self.dp
+        refs = grefs[:indirect_pages(nr_segments)]
+        pg = self._pgrants
+        if pg is not None:
+            have = pg.acquire(refs)
+            if len(have) == len(set(refs)):
+                # every descriptor page is a cached persistent grant: read them here
+                # (a copy of mapped memory; no syscall, no thread handoff)
+                try:
+                    segs = list(jobs.read_descriptors(have, refs, nr_segments))
+                finally:
+                    pg.release(have)
+                try:
+                    check_segments(sector, segs, dp.job.limits)
+                except InvalidRequest as e:
+                    self._finish(slot, Status.ERROR, e.reason, str(e))
+                    return
+                self._data(slot, op, segs, sector, batch)
+                return
+            batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, have),
+                          list(have)))
+            return
+        batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, {}), None))
+
+    def _cached(self, segs: Sequence[Segment]) -> Tuple[Dict[int, memoryview], Optional[List[int]]]:
+        """The cached pages a job may use, pinned until it completes."""
+        pg = self._pgrants
+        if pg is None or not segs:
+            return {}, None
+        cached = pg.acquire(s.gref for s in segs)
+        return cached, list(cached)
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _submit(self, batch: List[_Item]) -> None:
+        """Hand a pass's jobs to the threadpool: all in one job when the store is fast
+        (a thread handoff costs more than a syscall on a warm cache), else in up to
+        JOBS_PER_PASS jobs so that a slow store sees several requests at once."""
         n = len(batch)
         self._jobs += n
-        per_job = -(-n // JOBS_PER_PASS)
+        fast = 0.0 < self._job_seconds < FAST_JOB_SECONDS
+        per_job = n if fast else -(-n // JOBS_PER_PASS)
         done = self._done
         wake = self._wake
+        pool = self.dp.pool
         for i in range(0, n, per_job):
             chunk = batch[i:i + per_job]
-            res = self.ctx.pool.spawn(jobs.run_batch, [(fn, args) for _, fn, args in chunk])
-            pend = [p for p, _, _ in chunk]
+            res = pool.spawn(jobs.run_batch, [(fn, args) for _, fn, args, _ in chunk])
 
-            def _finished(r: Any, pend: List[_Pending] = pend) -> None:
-                done.append((pend, r))
+            def _finished(r: Any, chunk: List[_Item] = chunk) -> None:
+                done.append((chunk, r))
                 wake.set()
 
             res.rawlink(_finished)
 
     def _complete(self) -> None:
         while self._done:
-            pend, res = self._done.popleft()
+            chunk, res = self._done.popleft()
             try:
-                outs: List[Any] = res.get(block=False)
+                outs, seconds = res.get(block=False)
+                per = seconds / len(chunk)
+                avg = self._job_seconds
+                self._job_seconds = per if avg == 0.0 else 0.8 * avg + 0.2 * per
             except Exception as e:  # noqa: BLE001 - run_batch never raises; be safe anyway
-                outs = [e] * len(pend)
-            for p, out in zip(pend, outs):
-                self._completed(p, out)
+                outs = [e] * len(chunk)
+            for item, out in zip(chunk, outs):
+                self._completed(item, out)
 
-    def _completed(self, p: _Pending, out: Any) -> None:
+    def _completed(self, item: _Item, out: Any) -> None:
+        slot, fn, _, pinned = item
         st = self.stats
         self._jobs -= 1
-        if p.req.operation == Op.WRITE_BARRIER:
+        if fn is jobs.run_request and self._rop[slot] == Op.WRITE_BARRIER:
             self._barrier = False
-        if self._pgrants is not None and p.pinned:
-            self._pgrants.release(p.pinned)
-            p.pinned = []
+        if pinned and self._pgrants is not None:
+            self._pgrants.release(pinned)
         if isinstance(out, BaseException):  # a bug in a job, not the guest's doing
-            self.ctx.log.error("queue %d: job failed: %r", self.queue, out)
-            self._answer(p, Status.ERROR, "io_error", repr(out))
+            self.dp.log.error("queue %d: job failed: %r", self.queue, out)
+            self._finish(slot, Status.ERROR, "io_error", repr(out))
             return
         st.grant_maps += out.maps
         st.grant_unmaps += out.unmaps
         st.grant_copy_segments += out.copies
         if out.new_grants and self._pgrants is not None:
-            reject = self._pgrants.adopt(out.new_grants)
-            self._unmap(reject, wait=False)
+            self._unmap(self._pgrants.adopt(out.new_grants), wait=False)
             self._update_pgrant_gauge()
-        if out.status != Status.OKAY:
-            self._answer(p, out.status, out.reason, out.detail)
+        if out.status != _OKAY:
+            self._finish(slot, out.status, out.reason, out.detail)
             return
-        req = p.req
-        if req.operation == Op.INDIRECT and p.phase == 0:
-            p.phase = 1
-            p.segments = out.segments
-            self._queue.appendleft(p)  # keep its place: phase 2 goes next
-            return
-        st.bytes[p.label] += out.nbytes
-        self._answer(p, Status.OKAY, "", "")
+        st.bytes[self._label[slot]] += out.nbytes
+        self._finish(slot, _OKAY, "", "")
 
-    def _answer(self, p: _Pending, status: int, reason: str, detail: str) -> None:
-        """The only place a response is made: once per consumed request."""
-        req = p.req
-        del self.inflight[p.seq]
-        st = self.stats
-        st.requests[p.label] += 1
+    # -- answers ------------------------------------------------------------------------
+    def _finish(self, slot: int, status: int, reason: str, detail: str) -> None:
+        """The only place an answer is recorded: once per consumed request."""
+        self._status[slot] = int(status)
         if reason:
+            st = self.stats
             st.errors[reason] += 1
-            self.ctx.guest_log(
-                f"queue {self.queue}: request id={req.id} op={req.operation} "
-                f"sector={req.sector_number}: {detail or reason}"
+            self.dp.guest_log(
+                f"queue {self.queue}: request id={self._rid[slot]} op={self._rop[slot]}: "
+                f"{detail or reason}"
             )
-        # an INDIRECT request is answered with its indirect_op (as blkback does and
-        # Linux's blkfront checks)
-        rsp = self.ctx.abi.pack_response(req.id, effective_op(req), status)
-        self._held[p.seq] = (rsp, p.label, p.t0)
 
     def _publish(self) -> bool:
-        """Write the responses that are next in ring order, make them visible; whether
-        to notify. The slots are written only here, right before ``rsp_prod`` moves:
-        a response written into a slot is the end of the request that lay there, so
-        between the two a killed gblk would lose it."""
+        """Write the answers that are next in ring order into their slots, make them
+        visible; whether to notify. The slots are written only here, right before
+        ``rsp_prod`` moves: a response written into a slot is the end of the request
+        that lay there, so between the two a killed gblk would lose it."""
         ring = self.ring
         assert ring is not None
-        held = self._held
-        nxt = self._next_answer
-        if nxt in held:
-            latency = self.stats.latency
+        status = self._status
+        pvt = ring.rsp_prod_pvt
+        cons = ring.req_cons
+        if pvt != cons and status[pvt & ring.mask] is not None:
+            rid, rop, t0, label = self._rid, self._rop, self._t0, self._label
+            st = self.stats
+            requests = st.requests
+            latency = st.latency
+            pack = self.dp.abi.rsp.pack_into
+            buf = ring.buf
+            size = ring.entry_size
+            mask = ring.mask
             now = time.monotonic()
-            while nxt in held:
-                rsp, label, t0 = held.pop(nxt)
-                ring.put_response(rsp)
-                latency[label].observe(now - t0)  # taken off the ring -> published
-                nxt += 1
-            self._next_answer = nxt
+            while pvt != cons:
+                slot = pvt & mask
+                s = status[slot]
+                if s is None:
+                    break
+                # every padding byte zero (XSA-216): pack_into writes them
+                pack(buf, RING_HEADER_SIZE + slot * size, rid[slot], rop[slot] & 0xFF, s)
+                lbl = label[slot]
+                requests[lbl] += 1
+                latency[lbl].observe(now - t0[slot])  # taken off the ring -> published
+                pvt = (pvt + 1) & U32_MASK
+            ring.rsp_prod_pvt = pvt
         return ring.push_responses()
 
     # -- persistent grants -----------------------------------------------------------
@@ -433,20 +544,24 @@ class RingWorker:
             return
         self.stats.grant_unmaps += len(mappings)
         if wait:
-            self.ctx.pool.apply(jobs.unmap_all, (mappings,))
+            self._unmapped(self.dp.pool.apply(jobs.unmap_reporting, (mappings,)))
         else:
-            self.ctx.pool.spawn(jobs.unmap_all, mappings)
+            self.dp.pool.spawn(jobs.unmap_reporting, mappings).rawlink(
+                lambda r: self._unmapped(r.get(block=False)))
+
+    def _unmapped(self, errors: List[str]) -> None:
+        for e in errors:  # counted and logged: a grant we could not unmap is a leak
+            self.stats.errors["grant_map"] += 1
+            self.dp.log.error("queue %d: unmapping a persistent grant failed: %s", self.queue, e)
 
     def _update_pgrant_gauge(self) -> None:
         if self._pgrants is None:
             return
-        ds = self.ctx.device_stats
-        prev = getattr(self, "_pg_count", 0)
+        ds = self.dp.device_stats
         now = len(self._pgrants)
-        ds.persistent_grants += now - prev
+        ds.persistent_grants += now - self._pg_count
         self._pg_count = now
-        ev_prev = getattr(self, "_pg_evictions", 0)
-        ds.persistent_grant_evictions += self._pgrants.evictions - ev_prev
+        ds.persistent_grant_evictions += self._pgrants.evictions - self._pg_evictions
         self._pg_evictions = self._pgrants.evictions
 
     def set_persistent_limit(self, limit: int) -> None:
@@ -460,3 +575,4 @@ def _contiguous(mapping: GrantMapping) -> memoryview:
     if mapping.contiguous is None:
         raise GblkError("this host cannot map a multi-page ring contiguously")
     return mapping.contiguous
+

@@ -35,6 +35,17 @@ class Store(abc.ABC):
     def writev(self, views: Sequence[memoryview], offset: int) -> None:
         """Write every view from ``offset`` on, completely, or raise OSError."""
 
+    def readv_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
+        """Fill the views only if that cannot block (the data is in the page cache):
+        True when all ``nbytes`` were read, False when nothing or part was (the caller
+        reads them again with ``readv`` in the threadpool). Safe on the hub."""
+        return False
+
+    def writev_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
+        """Write the views only if that cannot block; True when all ``nbytes`` went.
+        False: nothing or a prefix was written, and ``writev`` writes them all again."""
+        return False
+
     @abc.abstractmethod
     def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""

@@ -1,7 +1,12 @@
 """Raw images: a regular file or a block device, with preadv/pwritev straight into
 the caller's views (guest pages or bounce buffers; no copy in Python).
 
-Runs in the threadpool: blocking syscalls only.
+Runs in the threadpool: blocking syscalls only, except ``readv_nowait`` and
+``writev_nowait``, which the hub may call: ``preadv2``/``pwritev2`` with
+``RWF_NOWAIT`` answer EAGAIN instead of waiting for the disk, so a read served by
+the page cache costs one syscall and no thread handoff. Never with O_DIRECT (a direct
+read waits for the device even under RWF_NOWAIT); switched off for good on the first
+EOPNOTSUPP (tmpfs, and buffered writes on most file systems of Linux 6.x).
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from ..errors import StorageError
 from .base import Store
 
 IOV_MAX = 1024
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+#: RWF_NOWAIT not available for this file (the flag, the file system or the kernel)
+_NOWAIT_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 # linux/fs.h
@@ -122,6 +130,9 @@ class RawStore(Store):
             self.supports_secure_discard = q.get("max_secure_erase_sectors", 0) > 0
         else:
             self.discard_granularity = max(st.st_blksize, 512)
+        nowait = not direct and _RWF_NOWAIT != 0
+        self._nowait_read = nowait
+        self._nowait_write = nowait and not readonly
 
     def size(self) -> int:
         if self.is_block:
@@ -133,6 +144,32 @@ class RawStore(Store):
 
     def writev(self, views: Sequence[memoryview], offset: int) -> None:
         _transfer(os.pwritev, self.fd, views, offset)
+
+    def readv_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
+        if not self._nowait_read or len(views) > IOV_MAX:
+            return False
+        try:
+            return bool(os.preadv(self.fd, views, offset, _RWF_NOWAIT) == nbytes)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno not in _NOWAIT_UNSUPPORTED:
+                raise
+            self._nowait_read = False
+            return False
+
+    def writev_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
+        if not self._nowait_write or len(views) > IOV_MAX:
+            return False
+        try:
+            return bool(os.pwritev(self.fd, views, offset, _RWF_NOWAIT) == nbytes)
+        except BlockingIOError:
+            return False
+        except OSError as e:
+            if e.errno not in _NOWAIT_UNSUPPORTED:
+                raise
+            self._nowait_write = False
+            return False
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
