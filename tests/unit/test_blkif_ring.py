@@ -396,3 +396,19 @@ def test_front_and_back_ring_talk_across_the_wrap() -> None:
         assert front.final_check_for_responses() is False
         assert ring.final_check_for_requests() is False
     assert sh.get(REQ_PROD) == (0xFFFFFFFC + 18) & M
+
+
+@pytest.mark.parametrize("abi", ABIS)
+@pytest.mark.parametrize("start", [0, 28, 0xFFFFFFFE])
+def test_take_block_is_one_private_copy_across_the_wrap(abi: Abi, start: int) -> None:
+    """take_block copies the new slots once, back to back in ring order, also when they
+    wrap past the last slot; rewriting the ring afterwards changes nothing taken."""
+    sh = Shared(abi, start=start)
+    ring = back(sh)
+    sh.produce([payload(abi, i) for i in range(8)])
+    block, n, first = ring.take_block(100)
+    assert (n, first, ring.req_cons) == (8, start, (start + 8) & M)
+    assert type(block) is bytes
+    sh.buf[64:] = b"\xff" * (len(sh.buf) - 64)
+    assert block == b"".join(payload(abi, i) for i in range(8))
+    assert ring.take_block(100) == (b"", 0, (start + 8) & M)

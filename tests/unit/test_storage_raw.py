@@ -245,3 +245,47 @@ def test_close_is_idempotent(image: str) -> None:
     s = open_store("raw", image, readonly=True)
     s.close()
     s.close()
+
+
+def test_readv_nowait_serves_cached_data(store: RawStore) -> None:
+    """A read the page cache can serve is done at once (one preadv2 with RWF_NOWAIT, the
+    hub's path); the data is the file's, whatever the views' sizes."""
+    views = views_of([4096, 512, 1024])
+    if not store.readv_nowait(views, 4096, 5632):
+        pytest.skip("this file system has no RWF_NOWAIT reads (tmpfs)")
+    assert b"".join(bytes(v) for v in views) == pattern(SIZE)[4096:4096 + 5632]
+
+
+def test_nowait_never_with_o_direct(image: str) -> None:
+    """O_DIRECT reads wait for the device even under RWF_NOWAIT: a direct store never
+    claims to have served one, so the hub never blocks on the disk."""
+    try:
+        s = RawStore(image, readonly=False, direct=True)
+    except StorageError:
+        pytest.skip("O_DIRECT not supported on this file system")
+    try:
+        buf = mmap.mmap(-1, 4096)
+        view = memoryview(buf)
+        assert not s.readv_nowait([view], 0, 4096)
+        assert not s.writev_nowait([view], 0, 4096)
+        assert bytes(view) == bytes(4096)  # nothing was read
+        view.release()
+        buf.close()
+    finally:
+        s.close()
+
+
+def test_nowait_unsupported_falls_back_for_good(store: RawStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EOPNOTSUPP (tmpfs; buffered writes on most file systems) switches the nowait path
+    off for that store: False, nothing raised, and never tried again."""
+    calls: List[int] = []
+
+    def unsupported(fd: int, views: object, offset: int, flags: int = 0) -> int:
+        calls.append(flags)
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(rawmod.os, "pwritev", unsupported)
+    view = memoryview(bytearray(4096))
+    assert not store.writev_nowait([view], 0, 4096)
+    assert not store.writev_nowait([view], 0, 4096)
+    assert len(calls) == 1
