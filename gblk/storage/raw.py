@@ -17,7 +17,7 @@ import fcntl
 import os
 import stat
 import struct
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..errors import StorageError
 from .base import Store
@@ -85,6 +85,22 @@ def _transfer(
             t.release()
 
 
+def _nowait(op: Callable[..., int], fd: int, views: Sequence[memoryview], offset: int,
+            nbytes: int) -> Optional[bool]:
+    """One preadv2/pwritev2 with RWF_NOWAIT: whether all ``nbytes`` moved, or None
+    when this file cannot do RWF_NOWAIT at all."""
+    if len(views) > IOV_MAX:
+        return False
+    try:
+        return bool(op(fd, views, offset, _RWF_NOWAIT) == nbytes)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno not in _NOWAIT_UNSUPPORTED:
+            raise
+        return None
+
+
 def _queue_limits(rdev: int) -> Dict[str, int]:
     """Numbers from /sys/dev/block/MAJ:MIN/queue (a partition: its parent's)."""
     base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
@@ -146,30 +162,18 @@ class RawStore(Store):
         _transfer(os.pwritev, self.fd, views, offset)
 
     def readv_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
-        if not self._nowait_read or len(views) > IOV_MAX:
+        if not self._nowait_read:
             return False
-        try:
-            return bool(os.preadv(self.fd, views, offset, _RWF_NOWAIT) == nbytes)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno not in _NOWAIT_UNSUPPORTED:
-                raise
-            self._nowait_read = False
-            return False
+        done = _nowait(os.preadv, self.fd, views, offset, nbytes)
+        self._nowait_read = done is not None
+        return bool(done)
 
     def writev_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
-        if not self._nowait_write or len(views) > IOV_MAX:
+        if not self._nowait_write:
             return False
-        try:
-            return bool(os.pwritev(self.fd, views, offset, _RWF_NOWAIT) == nbytes)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            if e.errno not in _NOWAIT_UNSUPPORTED:
-                raise
-            self._nowait_write = False
-            return False
+        done = _nowait(os.pwritev, self.fd, views, offset, nbytes)
+        self._nowait_write = done is not None
+        return bool(done)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
