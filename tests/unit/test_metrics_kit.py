@@ -104,7 +104,7 @@ def test_every_alert_has_a_promtool_test() -> None:
     assert alerts and len(alerts) == len(set(alerts))
     assert set(alerts) <= tested, sorted(set(alerts) - tested)
     for required in ("GblkDown", "GblkDeviceNotConnected", "GblkIOErrors", "GblkHighRequestLatency",
-                     "GblkPersistentGrantsNearLimit", "GblkRingHalted"):
+                     "GblkPersistentGrantThrashing", "GblkRingHalted"):
         assert required in alerts
 
 
