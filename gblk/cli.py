@@ -7,7 +7,9 @@ Subcommands:
 - ``gblk sim COMPONENT ...``: one piece of the simulated host, e.g.
   ``gblk sim xenstored --socket PATH`` (``gblk.sim.<component>.main(argv)``);
 - ``gblk bench ...``: the benchmarks (``gblk.bench.main(argv)``);
-- ``gblk config``: check the configuration and print it as gblk would use it.
+- ``gblk config``: check the configuration and print it as gblk would use it;
+- ``gblk list``, ``gblk stats [DISK]``, ``gblk status``: ask the running daemon over
+  its control socket (``gblk.control.client``; plain sockets, no gevent).
 
 Exit codes: 0 success, 1 an expected failure (a :class:`gblk.errors.GblkError`, shown
 as one line ``gblk: <message>``), 2 a configuration or usage error, 130 interrupted.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -72,6 +75,10 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         help="do not serve metrics (metrics.enabled = false)",
     )
     group.add_argument(
+        "--control-socket", metavar="PATH", default=None,
+        help="the control socket of gblk list/stats (control.socket)",
+    )
+    group.add_argument(
         "--log-level", metavar="LEVEL", default=None,
         help="debug, info, warning or error (daemon.log_level)",
     )
@@ -86,6 +93,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, object]:
         "daemon.kinds": kinds,
         "metrics.address": args.metrics_address,
         "metrics.enabled": False if args.no_metrics else None,
+        "control.socket": args.control_socket,
         "daemon.log_level": args.log_level,
     }
 
@@ -121,7 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guests", type=int, default=1, metavar="N", help="number of guests (default 1)")
     demo.add_argument("--seconds", type=float, default=20.0, metavar="S", help="workload duration (default 20)")
     demo.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
-    demo.add_argument("--image", metavar="PATH", default=None, help="serve this image instead of a scratch one")
+    demo.add_argument(
+        "--image", metavar="PATH", default=None,
+        help="serve a scratch copy of this image (PATH itself is not written unless --writable)")
+    demo.add_argument(
+        "--writable", action="store_true", default=False,
+        help="with --image: serve PATH itself; the workload WRITES to it, destroying its data")
     demo.add_argument("--format", metavar="FMT", default=None, help="format of --image (default raw)")
     demo.add_argument(
         "--metrics-address", metavar="HOST:PORT", default=None,
@@ -142,6 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], add_help=False, help="run the benchmarks on the simulated host",
     )
     bench.set_defaults(func=_cmd_bench, argv=[])
+
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--control-socket", metavar="PATH", default=None,
+        help="the daemon's control socket (default: control.socket of the configuration, "
+        "/run/gblk/control.sock)")
+    client.add_argument("--config", metavar="PATH", default=None,
+                        help="configuration file to take control.socket from")
+    client.add_argument("--json", action="store_true", help="print JSON")
+    lst = sub.add_parser(
+        "list", parents=[common, client], help="list the disks the running daemon serves",
+        description="Every disk of the running gblk: domain/devid, kind, state, size, "
+        "queues, page path (persistent, map, copy), requests in flight, image.")
+    lst.set_defaults(func=_cmd_list)
+    stats = sub.add_parser(
+        "stats", parents=[common, client], help="show the counters of the running daemon's disks",
+        description="The counters of one disk (DISK as gblk list shows it, e.g. d5/51712) or "
+        "of every disk; the same numbers /metrics serves.")
+    stats.add_argument("disk", metavar="DISK", nargs="?", default=None)
+    stats.set_defaults(func=_cmd_stats)
+    status = sub.add_parser(
+        "status", parents=[common, client], help="show the running daemon's own state",
+        description="Version, kinds, disks, XenStore and metrics endpoint of the running gblk.")
+    status.set_defaults(func=_cmd_status)
 
     config = sub.add_parser(
         "config", parents=[common], help="check the configuration and print the effective one",
@@ -192,9 +229,64 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             parse_address(args.metrics_address)
         except ValueError as exc:
             raise _Usage(f"--metrics-address {exc}") from None
+        from gblk.demo import check_listen
+
+        why = check_listen(args.metrics_address)
+        if why:  # at once, not after the daemon has started and given up
+            raise _Usage(why)
+    if args.writable and not args.image:
+        raise _Usage("--writable goes with --image PATH")
     setup_logging("debug" if args.debug else "warning")
     demo_main = _load("gblk.demo", "main", "the demo")
     return int(demo_main(args))
+
+
+def _control_path(args: argparse.Namespace) -> str:
+    if args.control_socket:
+        return str(args.control_socket)
+    from gblk.config import load_config
+
+    return load_config(args.config).control.socket
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from gblk.control.client import format_list, request
+
+    rows = request(_control_path(args), {"command": "list"})
+    sys.stdout.write(json.dumps(rows, indent=1, sort_keys=True) + "\n" if args.json
+                     else format_list(rows))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from gblk.control import parse_disk
+    from gblk.control.client import format_stats, request
+
+    payload: Dict[str, object] = {"command": "stats"}
+    if args.disk is not None:
+        try:
+            parse_disk(args.disk)
+        except ValueError as exc:
+            raise _Usage(str(exc)) from None
+        payload["disk"] = args.disk
+    disks = request(_control_path(args), payload)
+    sys.stdout.write(json.dumps(disks, indent=1, sort_keys=True) + "\n" if args.json
+                     else format_stats(disks))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from gblk.control.client import request
+
+    st = request(_control_path(args), {"command": "status"})
+    if args.json:
+        sys.stdout.write(json.dumps(st, indent=1, sort_keys=True) + "\n")
+    else:
+        for key in sorted(st):
+            value = st[key]
+            shown = ", ".join(value) if isinstance(value, list) else value
+            sys.stdout.write(f"{key}: {shown}\n")
+    return 0
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:

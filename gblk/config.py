@@ -159,6 +159,19 @@ def _address(value: object) -> str:
     return value
 
 
+#: sun_path is 108 bytes with the terminating NUL
+MAX_SOCKET_PATH = 107
+
+
+def _socket_path(value: object) -> str:
+    what = f"an absolute path of at most {MAX_SOCKET_PATH} bytes (a Unix socket)"
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Bad("must be " + what)
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_SOCKET_PATH:
+        raise _Bad("must be " + what)
+    return value
+
+
 def _indirect(value: object) -> int:
     what = (
         f"0 (no indirect requests) or an integer from {MIN_INDIRECT_SEGMENTS} "
@@ -201,6 +214,10 @@ _SPECS: Tuple[_Spec, ...] = (
           "serve Prometheus metrics and /healthz over HTTP"),
     _Spec("metrics", "address", "127.0.0.1:9741", _address,
           "HOST:PORT to listen on (IPv6 as [::1]:9741; port 0 picks a free port)"),
+    _Spec("control", "enabled", True, _bool,
+          "serve the local control socket that gblk list and gblk stats talk to"),
+    _Spec("control", "socket", "/run/gblk/control.sock", _socket_path,
+          "path of the control socket (root only: mode 0600, peers checked)"),
     _Spec("backend", "max_ring_page_order", 4, _int_range(0, 4),
           "largest ring a frontend may use, as a power of two of pages (max-ring-page-order)"),
     _Spec("backend", "max_queues", 4, _int_range(1, 64),
@@ -226,7 +243,7 @@ _SPECS: Tuple[_Spec, ...] = (
           "(0 = count them, log none; SIGHUP applies it)"),
 )
 
-SECTIONS = ("daemon", "metrics", "backend")
+SECTIONS = ("daemon", "metrics", "control", "backend")
 _BY_NAME: Dict[str, _Spec] = {s.name: s for s in _SPECS}
 
 
@@ -265,6 +282,12 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    enabled: bool = True
+    socket: str = "/run/gblk/control.sock"
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     max_ring_page_order: int = 4
     max_queues: int = 4
@@ -289,6 +312,7 @@ class Config:
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     path: Optional[str] = None
     overrides: Tuple[Tuple[str, object], ...] = ()
@@ -440,6 +464,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, obj
     return Config(
         daemon=DaemonConfig(**sections["daemon"]),  # type: ignore[arg-type]
         metrics=MetricsConfig(**sections["metrics"]),  # type: ignore[arg-type]
+        control=ControlConfig(**sections["control"]),  # type: ignore[arg-type]
         backend=BackendConfig(**sections["backend"]),  # type: ignore[arg-type]
         path=read_path,
         overrides=tuple(clean_overrides),
@@ -472,6 +497,7 @@ def _show(raw: object) -> str:
 def dataclass_keys() -> Sequence[str]:
     """Dotted names of every dataclass field (a test checks these match the spec table)."""
     out: List[str] = []
-    for section, cls in (("daemon", DaemonConfig), ("metrics", MetricsConfig), ("backend", BackendConfig)):
+    for section, cls in (("daemon", DaemonConfig), ("metrics", MetricsConfig), ("control", ControlConfig),
+                         ("backend", BackendConfig)):
         out.extend(f"{section}.{f.name}" for f in fields(cls))
     return out

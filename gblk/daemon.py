@@ -1,9 +1,15 @@
 """The composition root: builds everything from a Config and runs it.
 
-Owns the top-level greenlets (bus, metrics, watchdog), handles signals (a handler
-only sets a flag; the main greenlet does the work), drains in order on stop, and
-talks to systemd. The only place besides the cli and the tests that chooses
-between the real Xen host and the simulated one.
+Owns the top-level greenlets (bus, metrics, control socket, watchdog), handles
+signals (a handler only sets a flag; the main greenlet does the work), drains in
+order on stop, and talks to systemd. The only place besides the cli and the tests
+that chooses between the real Xen host and the simulated one.
+
+Disks come first: neither the metrics endpoint nor the control socket can stop
+gblk from serving. A metrics address that cannot be bound yet (an interface not up
+at boot, a port still taken) is logged, shown in ``systemctl status`` and the
+control socket's ``status``, and retried with backoff until it binds; a control
+socket that cannot be made is logged and left out.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import gevent.event
 
 from . import __version__
 from .config import Config
+from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
 from .engine.stats import DaemonStats
@@ -27,6 +34,9 @@ from .sdnotify import Notifier, watchdog_interval
 from .xen.interfaces import XenHost
 
 log = logging.getLogger("gblk.daemon")
+
+#: seconds between tries to bind the metrics address: doubling up to the last
+METRICS_RETRY = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 def make_host(config: Config) -> XenHost:
@@ -50,6 +60,10 @@ class Daemon:
         self.notifier = Notifier()
         self.bus: Optional[Bus] = None
         self.metrics: Any = None
+        #: why the metrics endpoint is not listening (None: listening, or disabled)
+        self.metrics_error: Optional[str] = None
+        self.control: Any = None
+        self.control_error: Optional[str] = None
         self.xs: Any = None
         self._stop = gevent.event.Event()
         self._hup = False
@@ -79,7 +93,12 @@ class Daemon:
 
             self.metrics = MetricsServer(cfg.metrics.address, make_registry(self.stats),
                                          stats_health(self.stats))
-            self.metrics.start()
+            try:
+                self.metrics.start()
+            except GblkError as e:
+                self.metrics_error = str(e)
+                log.warning("%s; serving disks without metrics, retrying the bind", e)
+                self._greenlets.append(gevent.spawn(self._retry_metrics))
         ctx = DeviceContext(
             host=host, xs=self.xs, pool=hub.threadpool, config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
@@ -87,13 +106,69 @@ class Daemon:
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()
+        if cfg.control.enabled:
+            self._start_control()
         self._greenlets.append(gevent.spawn(self._housekeeping))
         log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
                  cfg.daemon.xen, host.domid,
-                 f", metrics on http://{self.metrics_address()}/metrics" if self.metrics else "")
+                 f", metrics on http://{self.metrics_address()}/metrics" if self.metrics_address() else "")
+
+    def _retry_metrics(self) -> None:
+        tries = 0
+        while self.metrics is not None and not self.metrics.running:
+            gevent.sleep(METRICS_RETRY[min(tries, len(METRICS_RETRY) - 1)])
+            tries += 1
+            try:
+                self.metrics.start()
+            except GblkError as e:
+                if str(e) != self.metrics_error:
+                    log.warning("%s; still retrying", e)
+                self.metrics_error = str(e)
+                continue
+            log.info("metrics: listening after %d retries", tries)
+            self.metrics_error = None
+
+    def _start_control(self) -> None:
+        from .control.server import ControlServer
+
+        server = ControlServer(self.config.control.socket, self.disk_facts, self.status)
+        try:
+            server.start()
+        except GblkError as e:
+            self.control_error = str(e)
+            log.error("%s; gblk list/stats will not work, disks are served", e)
+            return
+        self.control = server
+
+    def disk_facts(self) -> List[DiskFacts]:
+        """What the control socket shows: each disk's plain stats, plus its image and
+        page path (read from the device's public attributes, on the hub)."""
+        out: List[DiskFacts] = []
+        devices = list(self.bus.devices.values()) if self.bus is not None else []
+        for dev in devices:
+            store = getattr(dev, "store", None)
+            rings = list(getattr(dev, "rings", []) or [])
+            mode = getattr(getattr(rings[0], "ctx", None), "mode", None) if rings else None
+            out.append(DiskFacts(stats=dev.stats, image=getattr(store, "path", None),
+                                 page_path=mode, backend_path=dev.path))
+        return out
+
+    def status(self) -> dict:
+        """The daemon's own state, for the control socket's ``status``."""
+        return {
+            "version": __version__,
+            "kinds": list(self.config.daemon.kinds),
+            "xen": self.config.daemon.xen,
+            "disks": len(self.bus.devices) if self.bus is not None else 0,
+            "xenstore_connected": self.stats.xenstore_connected,
+            "metrics": ("disabled" if not self.config.metrics.enabled else
+                        f"http://{self.metrics_address()}/metrics" if self.metrics_address()
+                        else f"not listening: {self.metrics_error} (retrying)"),
+            "started": self.stats.started,
+        }
 
     def metrics_address(self) -> str:
-        if self.metrics is None:
+        if self.metrics is None or not self.metrics.running:
             return ""
         from .metrics.exporter import format_address
 
@@ -105,6 +180,9 @@ class Daemon:
         for g in self._greenlets:
             g.kill(block=False)
         self._greenlets = []
+        if self.control is not None:
+            control, self.control = self.control, None
+            control.stop()
         if self.bus is not None:
             bus, self.bus = self.bus, None
             bus.stop(self.config.daemon.stop_timeout)
@@ -169,16 +247,19 @@ class Daemon:
             gevent.sleep(interval / 2)
 
     def _housekeeping(self) -> None:
-        last = -1
+        last = ""
         while True:
             xs = self.xs
             if xs is not None:
                 self.stats.xenstore_connections = int(getattr(xs, "connections", 1))
                 self.stats.xenstore_connected = bool(getattr(xs, "connected", True))
             n = len(self.bus.devices) if self.bus else 0
-            if n != last:
-                self.notifier.status(f"serving {n} device(s)")
-                last = n
+            text = f"serving {n} device(s)" + (
+                f"; metrics not listening ({self.metrics_error}), retrying"
+                if self.metrics_error else "")
+            if text != last:
+                self.notifier.status(text)
+                last = text
             gevent.sleep(1.0)
 
     def _reload(self) -> None:

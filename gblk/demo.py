@@ -1,24 +1,37 @@
 """``gblk demo``: a simulated Xen host, the gblk daemon and guests doing verified IO.
 
 Starts a ``gblk.sim.host.SimHost`` (the simulated xenstored as a subprocess), the
-daemon as a subprocess (``gblk serve --xen sim:DIR --metrics-address ...``), N
-guests each with one disk (a sparse 256 MiB scratch image, or ``--image``), and runs
-``gblk.sim.workload`` on them for ``--seconds``: reads, writes, flushes, barriers,
-discards and large INDIRECT requests, every byte read back checked. Shows live
-progress (one updating line on a terminal, plain periodic lines otherwise), the
-metrics URL and a summary; with ``--json`` the last line of stdout is one JSON
-object (requests, bytes, errors, mismatches, violations, iops, mib_per_s, ...).
-Shuts down cleanly also on Ctrl-C: unplug the disks, SIGTERM the daemon, stop
-xenstored. Exit status 0 only if no request failed, nothing mismatched and the
-backend broke no protocol rule.
+daemon as a subprocess (``gblk serve --xen sim:DIR --metrics-address ...
+--control-socket DIR/control.sock``), N guests each with one disk (a sparse 256 MiB
+scratch image, or ``--image``), and runs ``gblk.sim.workload`` on them for
+``--seconds``: reads, writes, flushes, barriers, discards and large INDIRECT
+requests, every byte read back checked. Shows live progress (one updating line on a
+terminal, plain periodic lines otherwise), the metrics URL, the ``gblk list``
+command for this daemon and a summary; with ``--json`` the last line of stdout is
+one JSON object (requests, bytes, errors, mismatches, violations, iops, mib_per_s,
+...). Exit status 0 only if no request failed, nothing mismatched and the backend
+broke no protocol rule.
+
+A demo never destroys data: ``--image PATH`` serves a scratch copy of PATH (a
+reflink where the file system can, else a sparse copy) in the host's scratch
+directory, removed at the end; only ``--writable`` serves PATH itself.
+
+Every way out is clean: Ctrl-C, SIGTERM and SIGHUP unplug the disks, stop the
+daemon and xenstored, remove the scratch directory and exit 130 with no traceback
+(the children run in a process group of their own, so the terminal's signals reach
+only the demo, and die with it should it be SIGKILLed). A daemon that exits early
+(say it cannot serve the image) fails the demo at once with its reason.
 
 An entry point (like the cli): it monkey-patches gevent if nobody did yet. Only
-talks to the daemon through the simulated host (XenStore, rings), never imports it.
+talks to the daemon through the simulated host (XenStore, rings) and its control
+socket, never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -26,7 +39,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Union
 
 log = logging.getLogger("gblk.demo")
 
@@ -35,6 +48,111 @@ SCRATCH_SIZE = 256 * MiB
 CONNECT_TIMEOUT = 60.0
 DETACH_TIMEOUT = 10.0
 EXIT_INTERRUPTED = 130
+#: how often the waits check for an interrupt or a dead daemon (not a deadline)
+POLL = 0.2
+COPY_CHUNK = 4 * MiB
+_FICLONE = 0x40049409  # linux/fs.h: reflink the whole file
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP arrived: stop what is being done, tear down."""
+
+
+def copy_image(src: str, dst: str, cancelled: Callable[[], bool] = lambda: False) -> str:
+    """Copy ``src`` to a new file ``dst``: a reflink where the file system can (instant,
+    shares blocks until written), else a sparse copy (holes stay holes). Blocking:
+    meant for a worker thread; ``cancelled()`` is asked between chunks. Returns how
+    it copied ("reflink" or "copy"). Raises OSError (``dst`` removed)."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fout:
+                try:
+                    fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+                    return "reflink"
+                except OSError:
+                    pass
+                size = os.fstat(fin.fileno()).st_size
+                pos = 0
+                while pos < size:
+                    if cancelled():
+                        raise _Interrupted()
+                    try:
+                        data = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno != errno.ENXIO:  # ENXIO: only a hole is left
+                            raise
+                        break
+                    hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+                    off = data
+                    while off < hole:
+                        if cancelled():
+                            raise _Interrupted()
+                        chunk = os.pread(fin.fileno(), min(COPY_CHUNK, hole - off), off)
+                        if not chunk:
+                            break
+                        if chunk.count(0) != len(chunk):  # all zeros: leave a hole
+                            os.pwrite(fout.fileno(), chunk, off)
+                        off += len(chunk)
+                    pos = hole
+                fout.truncate(size)
+                return "copy"
+        except BaseException:
+            try:
+                os.unlink(dst)
+            except OSError:
+                pass
+            raise
+
+
+class _Out:
+    """stdout that survives a vanished terminal: after SIGHUP a write can fail with
+    EIO (or EPIPE); then the demo stays quiet and carries on shutting down."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.dead = False
+        try:
+            self.tty = out.isatty()
+        except (OSError, ValueError):
+            self.tty = False
+
+    def write(self, text: str) -> None:
+        if self.dead:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):
+            self.dead = True
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def check_listen(address: str) -> Optional[str]:
+    """None if ``HOST:PORT`` can be listened on here, else why not (one line). Done
+    before anything starts, so that a bad ``--metrics-address`` fails at once."""
+    host, _, port_s = address.strip().rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port_s), 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+        family, socktype, proto, _, sockaddr = infos[0]
+        s = socket.socket(family, socktype, proto)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(sockaddr)
+        finally:
+            s.close()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+            why = "already in use"
+        return f"--metrics-address {address}: cannot listen: {why}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print a JSON summary as the last line of stdout")
     p.add_argument("--image", metavar="PATH", default=None,
-                   help="serve this image instead of a scratch one (the demo WRITES to it)")
+                   help="serve a scratch copy of this image instead of an empty one (PATH "
+                   "itself is never written unless --writable)")
+    p.add_argument("--writable", action="store_true", default=False,
+                   help="with --image: serve PATH itself; the demo's workload WRITES to it")
     p.add_argument("--format", metavar="FMT", default=None, help="format of --image (default raw)")
     p.add_argument("--metrics-address", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics here (default: a free loopback port)")
@@ -77,7 +198,7 @@ def _url(address: str) -> str:
 class _Progress:
     """One updating line on a terminal, a plain line every few seconds otherwise."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: Any) -> None:
         self.out = out
         self.tty = out.isatty()
         self.interval = 0.5 if self.tty else 2.0
@@ -111,49 +232,62 @@ class _Progress:
 class Demo:
     def __init__(self, args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
         self.args = args
-        self.out = out
+        self.out = _Out(out)
         self.interrupted = False
         self.failure: Optional[str] = None
         self.host: Any = None
         self.workload: Any = None
         self.guests: List[Any] = []
+        self._forcing = False
+        self._main: Any = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
-        self.out.flush()
 
     def _interrupt(self) -> None:
+        """The signal handler (runs in a greenlet of its own): never raises there,
+        where gevent would print the traceback; the main greenlet does the work."""
         if not self.interrupted:
             self.interrupted = True
             self.say("\ninterrupted: shutting down cleanly (Ctrl-C again to force)")
             if self.workload is not None:
-                import gevent
+                _spawn_quiet(self.workload.stop)
+        elif not self._forcing and self._main is not None:
+            # a second one: leave what is being waited for now, still tearing down
+            self._forcing = True
+            import gevent
 
-                gevent.spawn(self.workload.stop)
-        else:  # second Ctrl-C: leave now, still tearing the host down
-            raise KeyboardInterrupt
+            gevent.get_hub().loop.run_callback(self._main.throw, KeyboardInterrupt)
+
+    def _check(self) -> None:
+        if self.interrupted:
+            raise _Interrupted()
 
     def run(self) -> int:
         import gevent
 
+        self._main = gevent.getcurrent()
         handlers = [gevent.signal_handler(sig, self._interrupt)
-                    for sig in (signal.SIGINT, signal.SIGTERM)]
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
         summary: Dict[str, Any] = {}
+        backend_rc: Optional[int] = None
         try:
-            summary = self._run()
-        except KeyboardInterrupt:
-            self.interrupted = True
-        except Exception as e:  # noqa: BLE001 - reported, then a clean shutdown
-            log.debug("demo failed", exc_info=True)
-            self.failure = self.failure or f"{type(e).__name__}: {e}"
-        finally:
             try:
-                backend_rc = self._shutdown()
+                summary = self._run()
+            except (KeyboardInterrupt, _Interrupted):
+                self.interrupted = True
+            except Exception as e:  # noqa: BLE001 - reported, then a clean shutdown
+                log.debug("demo failed", exc_info=True)
+                self.failure = self.failure or f"{type(e).__name__}: {e}"
             finally:
-                for h in handlers:
-                    h.cancel()
-            if summary:
-                summary["backend_exit"] = backend_rc
+                backend_rc = self._shutdown()
+        except KeyboardInterrupt:  # a second Ctrl-C during the shutdown: it still finished
+            self.interrupted = True
+        finally:
+            for h in handlers:
+                h.cancel()
+        if summary:
+            summary["backend_exit"] = backend_rc
         if self.failure:
             self.say(f"gblk demo: FAILED: {self.failure}")
             self._backend_tail()
@@ -165,12 +299,59 @@ class Demo:
         elif self.args.json:
             self.say(json.dumps({"ok": False, "requests": 0, "bytes": 0, "errors": 0,
                                  "mismatches": 0, "iops": 0.0, "mib_per_s": 0.0,
+                                 "interrupted": self.interrupted,
                                  "error": self.failure or "interrupted"}))
         if self.interrupted:
             return EXIT_INTERRUPTED
         return 0 if ok else 1
 
     # ------------------------------------------------------------------------------
+    def _wait_all(self, jobs: List[Any], backend: Any) -> None:
+        """Wait for ``jobs``, but not past an interrupt or the daemon's exit."""
+        import gevent
+
+        while not all(j.ready() for j in jobs):
+            gevent.joinall(jobs, timeout=POLL)
+            if self.interrupted:
+                gevent.killall(jobs, block=False)
+                raise _Interrupted()
+            if not backend.alive():
+                gevent.killall(jobs, block=True, timeout=5)
+                self.failure = f"the daemon exited with {backend.proc.returncode}"
+                raise RuntimeError(self.failure)
+
+    def _image(self, host: Any) -> str:
+        """The image every guest serves with --image: PATH itself with --writable,
+        else a scratch copy of it in the host's directory."""
+        args = self.args
+        path = os.path.abspath(args.image)
+        if not os.path.isfile(path) and not os.path.exists(path):
+            self.failure = f"--image {args.image}: no such file"
+            raise RuntimeError(self.failure)
+        if args.writable:
+            self.say(f"serving {path} itself (--writable): the workload writes to it")
+            return path
+        if not os.path.isfile(path):
+            self.failure = (f"--image {args.image}: not a regular file; a block device is "
+                            "served only with --writable")
+            raise RuntimeError(self.failure)
+        import gevent
+
+        dst = os.path.join(host.dir, "image-copy" + os.path.splitext(path)[1])
+        pool = gevent.get_hub().threadpool
+        try:
+            how = pool.apply(copy_image, (path, dst, lambda: self.interrupted))
+        except _Interrupted:
+            raise
+        except OSError as e:
+            self.failure = (f"--image {args.image}: cannot make a scratch copy in {host.dir}: "
+                            f"{e.strerror or e}; use --writable to serve the file itself")
+            raise RuntimeError(self.failure) from None
+        self._check()
+        self.say(f"serving a scratch copy of {path} ({how}; {path} is not written; "
+                 "--writable serves it itself)")
+        return dst
+
     def _run(self) -> Dict[str, Any]:
         import gevent
 
@@ -181,25 +362,27 @@ class Demo:
         args = self.args
         nguests = max(1, int(args.guests))
         address = args.metrics_address or f"127.0.0.1:{_free_port()}"
-        self.host = host = SimHost(keep=bool(args.debug))
+        self.host = host = SimHost(keep=bool(args.debug), isolate=True)
         host.start()
+        self._check()
         self.say(f"gblk demo: simulated Xen host in {host.dir}")
-        backend = host.start_backend(["--kinds", "qdisk", "--metrics-address", address]
+        image: Optional[str] = self._image(host) if args.image else None
+        control = host.control_socket
+        backend = host.start_backend(["--kinds", "qdisk", "--metrics-address", address,
+                                      "--control-socket", control]
                                      + (["--log-level", "debug"] if args.debug else []))
         self.say(f"metrics: {_url(address)}")
+        self.say(f"disks: gblk list --control-socket {control}")
 
         fmt = args.format or "raw"
-        specs = []
         for i in range(nguests):
-            if args.image:
-                image, scratch = os.path.abspath(args.image), False
-            else:
-                image, scratch = host.make_image(f"guest{i + 1}.img", SCRATCH_SIZE), True
-            specs.append((image, scratch))
-        for image, scratch in specs:
-            g = host.create_guest(image=image, connect=False, format=fmt,
+            scratch = image is None
+            path = image if image is not None else host.make_image(f"guest{i + 1}.img",
+                                                                   SCRATCH_SIZE)
+            g = host.create_guest(image=path, connect=False, format=fmt,
                                   options=FrontendOptions(initial_zero=scratch))
             self.guests.append(g)
+
         def connect(fe: Any) -> Optional[BaseException]:
             try:
                 fe.connect(CONNECT_TIMEOUT)
@@ -208,7 +391,7 @@ class Demo:
             return None
 
         jobs = [gevent.spawn(connect, g.frontend) for g in self.guests]
-        gevent.joinall(jobs)
+        self._wait_all(jobs, backend)
         for g, job in zip(self.guests, jobs):
             if job.value is not None:
                 alive = "" if backend.alive() else f" (the daemon exited with {backend.proc.returncode})"
@@ -226,9 +409,10 @@ class Demo:
                      f"{fe.max_indirect_segments or 'off'}, persistent grants "
                      f"{'on' if fe.persistent else 'off'}, {fe.abi.name}; "
                      f"{', '.join(feats) or 'no flush/discard'}")
+        self._check()
 
         regions = None
-        if args.image and nguests > 1:  # one image shared: each guest its own slice
+        if image is not None and nguests > 1:  # one image shared: each guest its own slice
             total = self.guests[0].frontend.disk.sectors
             step = total // nguests // 8 * 8
             regions = [(i * step, (i + 1) * step) for i in range(nguests)]
@@ -267,7 +451,9 @@ class Demo:
         return summary
 
     def _shutdown(self) -> Optional[int]:
-        """Unplug every disk (the frontends close), SIGTERM the daemon, stop the host."""
+        """Unplug every disk (the frontends close), SIGTERM the daemon, stop the host
+        and remove its directory. Also after a half-finished start; never raises but
+        a second Ctrl-C's KeyboardInterrupt, and even then the host is stopped."""
         import gevent
 
         rc: Optional[int] = None
@@ -278,15 +464,18 @@ class Demo:
             if self.workload is not None and self.workload.running:
                 self.workload.stop(timeout=10)
             if host.running and host.backend is not None and host.backend.alive():
-                jobs = [gevent.spawn(host.toolstack.detach_disk, g.domid, g.disk.devid,
+                jobs = [_spawn_quiet(host.toolstack.detach_disk, g.domid, g.disk.devid,
                                      DETACH_TIMEOUT) for g in self.guests]
                 gevent.joinall(jobs, timeout=DETACH_TIMEOUT + 5)
             for g in self.guests:
-                g.frontend.stop()
+                try:
+                    g.frontend.stop()
+                except Exception as e:  # noqa: BLE001 - keep tearing down
+                    log.debug("stopping the frontend of d%d: %s", g.domid, e)
             if host.backend is not None:
                 rc = host.backend.stop(timeout=30)
         except Exception as e:  # noqa: BLE001 - keep tearing down
-            log.warning("demo shutdown: %s", e)
+            log.debug("demo shutdown: %s", e, exc_info=True)
         finally:
             if self.failure and host.backend is not None:
                 self._backend_tail()
@@ -303,7 +492,11 @@ class Demo:
         text = self.host.backend.log_text().strip()
         if text:
             lines = text.splitlines()[-25:]
-            sys.stderr.write("--- gblk serve (last lines) ---\n" + "\n".join(lines) + "\n")
+            try:
+                sys.stderr.write("--- gblk serve (last lines) ---\n" + "\n".join(lines) + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
     def _print_summary(self, s: Dict[str, Any]) -> None:
         self.say(
@@ -317,6 +510,21 @@ class Demo:
             self.say(json.dumps(s, sort_keys=True))
 
 
+def _spawn_quiet(fn: Callable[..., Any], *args: Any) -> Any:
+    """A greenlet whose failure is logged at debug level, not printed by gevent as a
+    traceback (teardown work: the XenStore link may be going down under it)."""
+    import gevent
+
+    def run() -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - teardown goes on
+            log.debug("%s: %s", getattr(fn, "__name__", fn), e, exc_info=True)
+            return None
+
+    return gevent.spawn(run)
+
+
 def _merge(dicts: Sequence[Dict[str, int]]) -> Dict[str, int]:
     out: Dict[str, int] = {}
     for d in dicts:
@@ -326,14 +534,15 @@ def _merge(dicts: Sequence[Dict[str, int]]) -> Dict[str, int]:
 
 
 def main(argv: Union[None, Sequence[str], argparse.Namespace] = None) -> int:
-    """``gblk demo [--guests N] [--seconds S] [--json] [--image PATH] [--format FMT]
-    [--metrics-address HOST:PORT]``. Accepts argv or the cli's parsed Namespace."""
+    """``gblk demo [--guests N] [--seconds S] [--json] [--image PATH [--writable]]
+    [--format FMT] [--metrics-address HOST:PORT]``. Accepts argv or the cli's parsed Namespace."""
     if isinstance(argv, argparse.Namespace):
         args = argv
     else:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
     for name, default in (("guests", 1), ("seconds", 20.0), ("json", False), ("image", None),
-                          ("format", None), ("metrics_address", None), ("debug", False)):
+                          ("writable", False), ("format", None), ("metrics_address", None),
+                          ("debug", False)):
         if not hasattr(args, name):
             setattr(args, name, default)
     from gevent import monkey

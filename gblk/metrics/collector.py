@@ -183,7 +183,8 @@ class _Families:
         self.watch_events = CounterMetricFamily(
             "gblk_watch_events", "XenStore watch events received.")
         self.build = InfoMetricFamily(
-            "gblk_build", "gblk version and the Python that runs it.", labels=["version", "python"])
+            "gblk_build", "gblk version, the git revision it was built from and the Python that runs it.",
+            labels=["version", "revision", "python"])
 
     def all(self) -> List[Metric]:
         return [
@@ -214,9 +215,11 @@ class GblkCollector:
     thread that collects: ``collect()`` then reads the pinned copy.
     """
 
-    def __init__(self, stats: DaemonStats, version: Optional[str] = None) -> None:
+    def __init__(self, stats: DaemonStats, version: Optional[str] = None,
+                 revision: Optional[str] = None) -> None:
         self._stats = stats
         self._version = version if version is not None else gblk.__version__
+        self._revision = revision if revision is not None else gblk.revision()
         self._python = platform.python_version()
         self._pinned = threading.local()
 
@@ -253,7 +256,7 @@ class GblkCollector:
         fam.xs_connections.add_metric([], stats.xenstore_connections)
         fam.xs_connected.add_metric([], 1 if stats.xenstore_connected else 0)
         fam.watch_events.add_metric([], stats.watch_events)
-        fam.build.add_metric([self._version, self._python], {})
+        fam.build.add_metric([self._version, self._revision, self._python], {})
         return iter(fam.all())
 
     @staticmethod

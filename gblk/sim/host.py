@@ -56,6 +56,29 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def isolate_child() -> None:
+    """``preexec_fn`` for the host's children when an interactive program owns them
+    (``gblk demo``): a process group of their own, so the terminal's Ctrl-C (SIGINT
+    to the whole foreground group) or hang-up reaches only the parent, which then
+    tears them down in order; and SIGTERM when the parent dies, so a SIGKILLed
+    parent leaves no simulated xenstored or daemon behind. Runs in the child
+    between fork and exec: nothing but two system calls."""
+    os.setpgid(0, 0)
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded here, before any fork: the child only calls it
+    import ctypes
+    import ctypes.util
+
+    _libc: Optional["ctypes.CDLL"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                                                 use_errno=True)
+except (ImportError, OSError):  # pragma: no cover - no libc: no parent-death signal
+    _libc = None
+
+
 def _wait_proc(proc: "subprocess.Popen[bytes]", timeout: float) -> Optional[int]:
     """Wait without blocking the hub (subprocess is patched under gevent, but be sure)."""
     deadline = time.monotonic() + timeout
@@ -83,14 +106,15 @@ def stop_process(proc: "subprocess.Popen[bytes]", timeout: float = PROCESS_DEADL
 class BackendProcess:
     """``gblk serve --xen sim:DIR`` running as a child process; output in ``log_path``."""
 
-    def __init__(self, argv: List[str], log_path: str, env: Dict[str, str]) -> None:
+    def __init__(self, argv: List[str], log_path: str, env: Dict[str, str],
+                 isolate: bool = False) -> None:
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")
         try:
             self.proc: "subprocess.Popen[bytes]" = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                env=env)
+                env=env, preexec_fn=isolate_child if isolate else None)
         except BaseException:
             self._log.close()
             raise
@@ -145,14 +169,20 @@ class Guest:
 class SimHost:
     """A simulated Xen host in ``dir`` (a fresh temporary directory by default).
 
+    ``isolate``: the children (xenstored, the daemon) get a process group of their
+    own and die with this process (see :func:`isolate_child`); for interactive
+    programs whose terminal signals must reach only them.
+
     Use as a context manager, or ``start()``/``stop()``. Attributes once started:
     ``xs`` (dom0's XenStore), ``toolstack``, ``socket_path``, ``guests``,
     ``backend`` (after ``start_backend``).
     """
 
     def __init__(self, dir: Optional[str] = None, timeout: float = 10.0,
-                 keep: bool = False, xenstored_args: Sequence[str] = ()) -> None:
+                 keep: bool = False, xenstored_args: Sequence[str] = (),
+                 isolate: bool = False) -> None:
         self._own_dir = dir is None
+        self.isolate = isolate
         self.dir = dir or ""
         self.timeout = timeout
         self.keep = keep
@@ -217,7 +247,8 @@ class SimHost:
                 [sys.executable, "-m", "gblk.sim.xenstored", "--socket", self.socket_path,
                  "--ready-fd", str(write_fd), *self.xenstored_args],
                 env=child_env(), pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-                stdout=logf, stderr=subprocess.STDOUT)
+                stdout=logf, stderr=subprocess.STDOUT,
+                preexec_fn=isolate_child if self.isolate else None)
         finally:
             os.close(write_fd)
             logf.close()
@@ -280,9 +311,18 @@ class SimHost:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- the backend ------------------------------------------------------------
+    @property
+    def control_socket(self) -> str:
+        """The daemon's control socket on this host (``gblk list --control-socket``)."""
+        return os.path.join(self.dir, "control.sock")
+
     def backend_argv(self, extra_args: Sequence[str] = ()) -> List[str]:
+        """``gblk serve --xen sim:DIR`` + ``extra_args``; the control socket in DIR
+        unless ``extra_args`` chooses one."""
+        control = ([] if any(a.startswith("--control-socket") for a in extra_args)
+                   else ["--control-socket", self.control_socket])
         return [sys.executable, "-m", "gblk", "serve", "--xen", f"sim:{self.dir}",
-                *extra_args]
+                *control, *extra_args]
 
     def start_backend(self, extra_args: Sequence[str] = (),
                       env: Optional[Dict[str, str]] = None) -> BackendProcess:
@@ -291,7 +331,8 @@ class SimHost:
         if self.backend is not None and self.backend.alive():
             raise RuntimeError("a backend is already running")
         self.backend = BackendProcess(self.backend_argv(extra_args),
-                                      os.path.join(self.dir, "backend.log"), child_env(env))
+                                      os.path.join(self.dir, "backend.log"), child_env(env),
+                                      isolate=self.isolate)
         return self.backend
 
     def stop_backend(self, timeout: float = PROCESS_DEADLINE) -> Optional[int]:

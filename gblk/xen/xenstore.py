@@ -43,6 +43,7 @@ from gevent import Greenlet
 from gblk.errors import XenError, XenStoreError, XenUnavailable
 from gblk.xen.interfaces import WatchSubscription, XenStore, XenStoreOps
 from gblk.xen.xs_simple import (  # the wire constants and where xenstored lives: one place
+    NO_XENSTORE_HINT,
     DEFAULT_RUNDIR,
     XENBUS_PATHS,
     XENSTORE_PAYLOAD_MAX,
@@ -525,8 +526,7 @@ class PyxsXenStore(_Ops, XenStore):
         except _LinkDown as e:
             tried = "; ".join(f"{t} ({err})" for t, err in self._last_errors)
             raise XenUnavailable(
-                "no XenStore: is xenstored running (systemctl status xenstored)? "
-                f"Tried {tried}"
+                f"{NO_XENSTORE_HINT}. Tried {tried}"
             ) from e
 
     # connections -------------------------------------------------------------

@@ -30,6 +30,13 @@ XENSTORE_PAYLOAD_MAX = 4096
 HEADER = struct.Struct("=IIII")
 
 DEFAULT_RUNDIR = "/var/run/xenstored"
+#: what to check when no xenstored answers, in the terms of the distributions gblk
+#: runs on: Debian's xen-utils-common starts xenstored from /etc/init.d/xen, i.e.
+#: xen.service; upstream Xen ships xenstored.service
+NO_XENSTORE_HINT = ("no XenStore: xenstored is not running, or this is not a Xen "
+                    "control domain (Debian: systemctl status xen, started by "
+                    "/etc/init.d/xen from xen-utils-common; upstream Xen: systemctl "
+                    "status xenstored)")
 XENBUS_PATHS = ("/dev/xen/xenbus", "/proc/xen/xenbus")
 
 _ENC = "utf-8"
@@ -70,8 +77,7 @@ class SimpleXenStore:
                 return
             except OSError as e:
                 errors.append(f"{path} ({e.strerror or e})")
-        raise XenUnavailable("no XenStore: is xenstored running (systemctl status xenstored)? "
-                             "Tried " + "; ".join(errors))
+        raise XenUnavailable(f"{NO_XENSTORE_HINT}. Tried " + "; ".join(errors))
 
     # -- calls ---------------------------------------------------------------------
     def read(self, path: str) -> Optional[str]:

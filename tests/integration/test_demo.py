@@ -130,3 +130,150 @@ def test_demo_reports_a_refused_image(child_env, tmp_path):
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert not s["ok"] and "qcow2" in s["error"]
     assert not os.path.exists(sim_dir(p.stdout))
+
+
+def sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_image(path, size: int = 64 << 20) -> str:
+    with open(path, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+    return sha256(path)
+
+
+def test_demo_never_writes_the_users_image(child_env, tmp_path):
+    """Issue 15: `gblk demo --image PATH` overwrote a user's 64 MiB file of random bytes.
+    Without --writable the demo serves a scratch copy: its workload writes (and verifies)
+    plenty, yet PATH's sha256, size and mode are unchanged, and the copy is gone."""
+    image = tmp_path / "precious.img"
+    before = random_image(image)
+    mode = os.stat(image).st_mode
+    p = run_demo(["--json", "--seconds", "2", "--image", str(image)], child_env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert s["ok"] and s["write_bytes"] > 0 and s["mismatches"] == 0
+    assert "scratch copy" in p.stdout and "is not written" in p.stdout
+    assert sha256(image) == before
+    assert os.stat(image).st_mode == mode and os.path.getsize(image) == 64 << 20
+    assert not os.path.exists(sim_dir(p.stdout))
+
+
+def test_demo_writable_serves_the_image_itself(child_env, tmp_path):
+    """--writable is the explicit way to let the demo write to PATH: then it does."""
+    image = tmp_path / "scratch.img"
+    before = random_image(image, 16 << 20)
+    p = run_demo(["--json", "--seconds", "2", "--image", str(image), "--writable"], child_env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "itself (--writable)" in p.stdout
+    assert sha256(image) != before
+
+
+def test_demo_writable_needs_an_image(child_env):
+    """--writable alone is a usage error (exit 2, one line), nothing started."""
+    p = run_demo(["--writable"], child_env)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "gblk: --writable goes with --image PATH"
+
+
+def test_demo_help_says_the_image_is_safe(child_env):
+    """`gblk demo --help` tells the user PATH is only written with --writable."""
+    p = run_demo(["--help"], child_env)
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "--writable" in text and "not written unless --writable" in text
+
+
+def start_demo(child_env, args, err_path):
+    """A demo in a session of its own, as a shell runs a job on a terminal: its pid is
+    its process group, so killpg() is what the terminal's Ctrl-C/hang-up does."""
+    err = open(err_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gblk", "demo", *args], env=child_env,
+                            stdout=subprocess.PIPE, stderr=err, text=True,
+                            start_new_session=True)
+    err.close()
+    lines = []
+    deadline = time.monotonic() + DEADLINE
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("running a mixed"):
+            break
+    return proc, "".join(lines)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sighup"])
+def test_demo_every_way_out_is_clean(child_env, tmp_path, how):
+    """Issue 15: Ctrl-C printed a gevent traceback (the terminal's SIGINT reached the
+    simulated xenstored too, and the toolstack's XenStore link went down under it);
+    SIGHUP left the 256 MiB scratch directory behind. Now Ctrl-C (SIGINT to the whole
+    process group, as a terminal sends it), SIGTERM (to the demo alone) and a hang-up
+    (SIGHUP to the group, then the terminal gone) each end the demo with exit 130, no
+    traceback, no scratch directory and no process left."""
+    err_path = tmp_path / "stderr"
+    proc, out = start_demo(child_env, ["--seconds", "120", "--json"], err_path)
+    try:
+        d = sim_dir(out)
+        time.sleep(1.0)  # let IO flow
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        elif how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGHUP)
+            assert proc.stdout is not None
+            proc.stdout.close()  # the terminal is gone: writes to it fail
+        if how != "sighup":
+            rest, _ = proc.communicate(timeout=DEADLINE)
+        else:
+            proc.wait(timeout=DEADLINE)
+            rest = ""
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    err = err_path.read_text()
+    assert proc.returncode == 130, out + rest + err
+    assert "Traceback" not in err and "LinkDown" not in err, err
+    if rest:
+        s = json.loads(rest.strip().splitlines()[-1])
+        assert s["interrupted"] and s["errors"] == 0 and s["mismatches"] == 0
+    assert not os.path.exists(d) and no_process_uses(d)
+
+
+def test_demo_killed_leaves_no_processes(child_env, tmp_path):
+    """SIGKILL cannot be cleaned up after, but the simulated xenstored and the daemon
+    die with the demo (parent-death signal): nothing keeps running."""
+    proc, out = start_demo(child_env, ["--seconds", "120"], tmp_path / "stderr")
+    d = sim_dir(out)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + DEADLINE
+    while not no_process_uses(d) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert no_process_uses(d)
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_demo_metrics_address_not_on_this_host_fails_at_once(child_env):
+    """Issue 15: an address the host does not have made the demo wait 60 s for a
+    daemon that had already given up. Now it is refused before anything starts:
+    exit 2, one line saying it cannot listen there, no simulated host made."""
+    p = run_demo(["--metrics-address", "192.0.2.1:9741"], child_env)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gblk: --metrics-address 192.0.2.1:9741: "
+                                                   "cannot listen"), p.stderr
+    assert "simulated Xen host" not in p.stdout

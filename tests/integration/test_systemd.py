@@ -155,3 +155,45 @@ def test_unit_uses_the_default_config_path() -> None:
     """The unit relies on the documented default /etc/gblk/gblk.toml, so `gblk config`
     in ExecReload= checks the same file the daemon reads."""
     assert "--config" not in single("Service", "ExecStart")
+
+
+def test_unit_runs_only_in_a_xen_control_domain() -> None:
+    """Issue 15: on a host without Xen the unit restart-looped. It now carries the
+    conditions of Xen's own dom0 disk backend: /proc/xen/capabilities must exist
+    (Condition: skipped, not failed) and say control_d (ExecCondition=: exit 1 skips
+    the unit, no restart). Not ConditionVirtualization=xen, which is false in dom0."""
+    assert single("Unit", "ConditionPathExists") == "/proc/xen/capabilities"
+    assert single("Service", "ExecCondition") == "/bin/grep -qw control_d /proc/xen/capabilities"
+    assert values("Unit", "ConditionVirtualization") == []
+
+
+def test_exec_condition_tells_dom0_from_the_rest(tmp_path: Path) -> None:
+    """The ExecCondition= command itself, on the contents /proc/xen/capabilities has in
+    dom0 ("control_d"), in a guest or driver domain (empty) and on a host without Xen
+    (no file): only dom0 passes (exit 0); the others exit 1 (no match) or 2 (no
+    file), and systemd skips a unit whose ExecCondition= exits 1..254, without a
+    restart."""
+    argv = single("Service", "ExecCondition").split()
+    cases = {"control_d\n": 0, "": 1}
+    for text, want in cases.items():
+        caps = tmp_path / "capabilities"
+        caps.write_text(text)
+        assert subprocess.run(argv[:-1] + [str(caps)]).returncode == want, repr(text)
+    assert subprocess.run(argv[:-1] + [str(tmp_path / "absent")],
+                          stderr=subprocess.DEVNULL).returncode != 0
+
+
+def test_unit_starts_before_libvirt_like_xens_own_backend() -> None:
+    """Ordered before libvirt's units as xen-qemu-dom0-disk-backend.service is, so a
+    libvirt-managed guest never starts before its disk backend."""
+    before = single("Unit", "Before").split()
+    for unit in ("xendomains.service", "libvirtd.service", "libvirt-guests.service"):
+        assert unit in before
+
+
+def test_control_socket_directory_is_root_only() -> None:
+    """The control socket lives in the unit's RuntimeDirectory, which only root can
+    enter; the configuration's default socket path is in it."""
+    assert single("Service", "RuntimeDirectory") == "gblk"
+    assert single("Service", "RuntimeDirectoryMode") == "0700"
+    assert Config().control.socket == "/run/gblk/control.sock"

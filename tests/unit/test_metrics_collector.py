@@ -220,6 +220,9 @@ def test_daemon_wide_metrics_and_build_info() -> None:
     text = generate_latest(reg).decode()
     info = [line for line in text.splitlines() if line.startswith("gblk_build_info{")]
     assert len(info) == 1 and 'version="9.9.9"' in info[0] and 'python="' in info[0]
+    import gblk
+
+    assert f'revision="{gblk.revision()}"' in info[0]  # issue 15: which commit runs
     stats.xenstore_connected = False
     assert _value(reg, "gblk_xenstore_connected") == 0
 
@@ -363,3 +366,28 @@ def test_snapshot_shares_no_mutable_state_with_the_stats() -> None:
     assert sring.latency["read"] is not ring.latency["read"]
     assert sring.latency["read"].counts is not ring.latency["read"].counts
     assert _snapshot(snap) == _snapshot(stats)
+
+
+def test_revision_is_read_from_git_files(tmp_path) -> None:
+    """gblk_build_info's revision: the commit of HEAD, through a loose ref, a packed
+    ref or a worktree's .git file; None where there is no git."""
+    from gblk import git_revision
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    main = tmp_path / "repo.git"
+    (main / "refs" / "heads").mkdir(parents=True)
+    (main / "HEAD").write_text("ref: refs/heads/main\n")
+    (main / "refs" / "heads" / "main").write_text(sha + "\n")
+    assert git_revision(str(main)) == sha
+    (main / "refs" / "heads" / "main").unlink()
+    (main / "packed-refs").write_text(f"# pack-refs\n{sha} refs/heads/main\n")
+    assert git_revision(str(main)) == sha
+    wt = main / "worktrees" / "wt"
+    wt.mkdir(parents=True)
+    (wt / "HEAD").write_text("ref: refs/heads/main\n")
+    (wt / "commondir").write_text("../..\n")
+    dotgit = tmp_path / "checkout" / ".git"
+    dotgit.parent.mkdir()
+    dotgit.write_text(f"gitdir: {wt}\n")
+    assert git_revision(str(dotgit)) == sha
+    assert git_revision(str(tmp_path / "none")) is None
