@@ -146,11 +146,10 @@ class Daemon:
         out: List[DiskFacts] = []
         devices = list(self.bus.devices.values()) if self.bus is not None else []
         for dev in devices:
-            store = getattr(dev, "store", None)
-            rings = list(getattr(dev, "rings", []) or [])
-            mode = getattr(getattr(rings[0], "ctx", None), "mode", None) if rings else None
-            out.append(DiskFacts(stats=dev.stats, image=getattr(store, "path", None),
-                                 page_path=mode, backend_path=dev.path))
+            dp = dev.dataplane
+            out.append(DiskFacts(stats=dev.stats, image=getattr(dev.store, "path", None),
+                                 page_path=dp.path if dp is not None else None,
+                                 backend_path=dev.path))
         return out
 
     def status(self) -> dict:
