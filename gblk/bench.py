@@ -1,20 +1,36 @@
-"""``gblk bench``: the benchmark suite on the simulated host.
+"""``gblk bench``: gblk on the simulated host against fio on the same file, in one run.
 
-Each job runs twice in the same run on the same image file: once as a guest's IO
-through ``gblk serve`` (ring, grants, threadpool, the file), once as the raw speed
-of the file (the same access pattern, ``preadv``/``pwritev`` from a thread pool at
-the same queue depth; and fio's, when fio is installed). Every figure is printed
-beside its raw counterpart and as a ratio: absolute numbers depend on the machine,
-the ratio is what gblk costs. Printed, never asserted.
+For every job (access pattern, block size, queue depth) and every page path
+(``persistent``: persistent grants; ``map``: a grant map per request; ``copy``: grant
+copy), a guest keeps the job's queue depth of IOs in flight through ``gblk serve``
+(ring, event channel, grants, threadpool, file) for ``--seconds``; before that, fio
+runs the same pattern on the same image file with the same block size, queue depth
+and O_DIRECT setting (``psync`` at depth 1; ``io_uring`` with ``--iodepth`` above,
+falling back to ``libaio``, then to ``psync`` with one thread per IO in flight). The
+ratio is gblk's IOPS over fio's: absolute numbers depend on the machine, the ratio
+is what gblk costs. Printed, never asserted.
 
-The simulated guest is Python too and shares the CPUs with the daemon, and it
-verifies every byte it reads: the ratio is a lower bound of what gblk achieves with
-a real guest.
+The guest is ``gblk.sim.bench_guest``: it negotiates through the simulated blkfront
+and then drives one ring directly with a fixed pool of granted pages, so that it
+costs a few microseconds per request instead of more than the daemon. Per row:
+IOPS and MiB/s of both sides, the daemon's CPU per request (utime+stime of its
+process over exactly the timed window, from /proc), the guest's own (this
+process's, getrusage, over the same window; fio never runs then), the latency the
+guest saw per IO (p50/p99, submit to response) and errors. After each timed window
+the guest verifies for real (reads compared byte for byte with the image file,
+writes of a distinct pattern per block found in the file). Exit 1 if any request
+failed or any check did; 2 on a usage error.
+
+The image is written with random data (no holes) and kept resident (mlock of a
+mapping of it) so that both sides measure the page cache, not the disk: this kind of
+machine evicts page cache within seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
 import json
 import os
 import random
@@ -22,210 +38,592 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
-
-import gevent
-from gevent.threadpool import ThreadPool
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 MiB = 1 << 20
+#: the daemon's log tail shown when it fails
+LOG_TAIL = 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
     name: str
-    rw: str  # read | write
     bs: int
     qd: int
-    sequential: bool = False
+    sequential: bool
+    read_fraction: float  #: 1.0 reads only, 0.0 writes only
+
+    @property
+    def fio_rw(self) -> str:
+        if 0.0 < self.read_fraction < 1.0:
+            return "rw" if self.sequential else "randrw"
+        op = "read" if self.read_fraction >= 1.0 else "write"
+        return op if self.sequential else "rand" + op
+
+    @property
+    def reads(self) -> bool:
+        return self.read_fraction > 0.0
+
+    @property
+    def writes(self) -> bool:
+        return self.read_fraction < 1.0
 
 
 JOBS = [
-    Job("randread-4k-qd1", "read", 4096, 1),
-    Job("randread-4k-qd32", "read", 4096, 32),
-    Job("randwrite-4k-qd32", "write", 4096, 32),
-    Job("seqread-1m-qd4", "read", MiB, 4, sequential=True),
-    Job("seqwrite-1m-qd4", "write", MiB, 4, sequential=True),
+    Job("randread-4k-qd1", 4096, 1, False, 1.0),
+    Job("randread-4k-qd32", 4096, 32, False, 1.0),
+    Job("randwrite-4k-qd32", 4096, 32, False, 0.0),
+    Job("seqread-1m", MiB, 4, True, 1.0),
+    Job("seqwrite-1m", MiB, 4, True, 0.0),
+    Job("mixed-64k-70r", 64 * 1024, 8, False, 0.7),
 ]
+JOB_NAMES = [j.name for j in JOBS]
+
+#: page path -> (the daemon's backend.grant_mode, the frontend offers feature-persistent)
+GRANT_PATHS: Dict[str, Tuple[str, bool]] = {
+    "persistent": ("persistent", True),
+    "map": ("map", False),
+    "copy": ("copy", False),
+}
+#: keys every JSON row carries
+ROW_KEYS = (
+    "job", "grant_path", "bs", "qd", "qd_effective", "iops", "mib_per_s", "raw_iops",
+    "raw_mib_per_s", "ratio", "fio_engine", "raw_cpu_us_per_request", "raw_lat_p50_us",
+    "raw_lat_p99_us", "backend_cpu_us_per_request", "frontend_cpu_us_per_request",
+    "lat_p50_us", "lat_p99_us", "requests", "ring_requests_per_io", "seconds", "errors",
+    "violations", "verified", "verify_failures", "guest_limited", "py_iops",
+)
+#: a guest busier than this share of one CPU is counted as the limit
+GUEST_LIMIT_CORE = 0.9
 
 
-@dataclass
-class Result:
-    job: str
-    gblk_iops: float = 0.0
-    gblk_mib_s: float = 0.0
-    raw_iops: float = 0.0
-    raw_mib_s: float = 0.0
-    fio_iops: Optional[float] = None
-    errors: int = 0
-    extra: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.gblk_iops / self.raw_iops if self.raw_iops else 0.0
+class Usage(Exception):
+    """A usage error: one line, exit 2."""
 
 
-class _Offsets:
-    def __init__(self, job: Job, size: int, seed: int) -> None:
-        self.job = job
-        self.blocks = size // job.bs
-        self.rnd = random.Random(seed)
-        self.next = 0
+class Failure(Exception):
+    """The bench cannot run (fio missing, the daemon died): one line, exit 1."""
 
-    def __call__(self) -> int:
-        if self.job.sequential:
-            b = self.next
-            self.next = (self.next + 1) % self.blocks
+
+def _say(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+# -- arguments ---------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gblk bench", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=5.0,
+                   help="timed window per job and side (default 5)")
+    p.add_argument("--size", type=int, default=256, help="image size in MiB (default 256)")
+    p.add_argument("--jobs", default=",".join(JOB_NAMES),
+                   help="comma-separated subset of: " + ", ".join(JOB_NAMES))
+    p.add_argument("--grant-mode", default=",".join(GRANT_PATHS),
+                   help="page paths, comma-separated subset of: " + ", ".join(GRANT_PATHS)
+                   + " (default all)")
+    p.add_argument("--image-dir", default=None,
+                   help="directory of the image (default: the simulated host's, under /tmp); "
+                        "a regular file system: tmpfs refuses the daemon's RWF_NOWAIT reads")
+    p.add_argument("--direct", action="store_true",
+                   help="O_DIRECT on both sides (daemon direct_io=always, fio --direct=1); "
+                        "then the disk is measured")
+    p.add_argument("--no-fio", action="store_true",
+                   help="no raw side: raw figures and the ratio are null")
+    p.add_argument("--py-raw", action="store_true",
+                   help="also the old Python threadpool loop on the file (py_iops column)")
+    p.add_argument("--json", action="store_true", help="last stdout line: the rows as JSON")
+    return p
+
+
+def _pick(text: str, known: Sequence[str], what: str) -> List[str]:
+    wanted = [w.strip() for w in text.split(",") if w.strip()]
+    if not wanted:
+        raise Usage(f"no {what} given (known: {', '.join(known)})")
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise Usage(f"unknown {what} {', '.join(repr(u) for u in unknown)} "
+                    f"(known: {', '.join(known)})")
+    return [k for k in known if k in wanted]  # canonical order, no duplicates
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[Job], List[str]]:
+    p = _parser()
+    args = p.parse_args(argv)
+    names = _pick(args.jobs, JOB_NAMES, "job")
+    paths = _pick(args.grant_mode, list(GRANT_PATHS), "grant mode")
+    if not args.seconds > 0:
+        raise Usage(f"--seconds must be positive, not {args.seconds:g}")
+    if args.size < 16:
+        raise Usage(f"--size must be at least 16 (MiB), not {args.size}")
+    if args.image_dir is not None and not os.path.isdir(args.image_dir):
+        raise Usage(f"--image-dir {args.image_dir}: not a directory")
+    return args, [j for j in JOBS if j.name in names], paths
+
+
+# -- the image ----------------------------------------------------------------------------
+class ResidentImage:
+    """The image file, written with random data, mapped and mlocked for the run."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        self._addr: Optional[int] = None
+        self.locked = False
+        self.lock_error = ""
+        chunk = 4 * MiB
+        with open(path, "wb") as f:
+            left = size
+            while left > 0:
+                n = min(chunk, left)
+                f.write(os.urandom(n))  # distinct data everywhere: a misplaced read shows
+                left -= n
+            f.flush()
+            os.fsync(f.fileno())
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._lock()
+
+    def _lock(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mmap_ = libc.mmap
+        mmap_.restype = ctypes.c_void_p
+        mmap_.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+        prot_read, map_shared = 1, 1
+        addr = mmap_(None, self.size, prot_read, map_shared, self.fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            self.lock_error = os.strerror(ctypes.get_errno())
+            return
+        self._addr = addr
+        self._libc = libc
+        libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(self.size)) != 0:
+            e = ctypes.get_errno()
+            self.lock_error = f"{errno.errorcode.get(e, e)}: {os.strerror(e)}"
         else:
-            b = self.rnd.randrange(self.blocks)
-        return b * self.job.bs
+            self.locked = True
+
+    def close(self) -> None:
+        if self._addr is not None:
+            self._libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            self._libc.munmap(ctypes.c_void_p(self._addr), ctypes.c_size_t(self.size))
+            self._addr = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
-def run_guest(fe: Any, job: Job, size: int, seconds: float) -> Result:
-    """Keep ``qd`` requests in flight through the simulated guest for ``seconds``."""
-    off = _Offsets(job, size, 1)
-    data = os.urandom(job.bs)
-    nsec = job.bs // 512
-    errors = 0
-    done = 0
-
-    def submit() -> Any:
-        o = off() // 512
-        if job.rw == "read":
-            return fe.submit_read(o, nsec)
-        return fe.submit_write(o, data)
-
-    inflight = [submit() for _ in range(job.qd)]
-    t0 = time.monotonic()
-    end = t0 + seconds
-    while inflight:
-        res = inflight.pop(0).get()
-        done += 1
-        if not res.ok:
-            errors += 1
-        if time.monotonic() < end:
-            inflight.append(submit())
-    dt = time.monotonic() - t0
-    return Result(job.name, done / dt, done * job.bs / dt / MiB, errors=errors)
+def fs_type(path: str) -> str:
+    """The file system type of the mount ``path`` is on ("" if unknown)."""
+    path = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) < 5 or not right:
+                    continue
+                mnt = fields[4].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, kind = mnt, right.split()[0]
+    except OSError:
+        return ""
+    return kind
 
 
-def run_raw(path: str, job: Job, size: int, seconds: float) -> Result:
-    """The same pattern straight on the file, from a thread pool at the same depth."""
+# -- the raw side: fio ----------------------------------------------------------------------
+@dataclass
+class Raw:
+    iops: float
+    mib_per_s: float
+    engine: str
+    cpu_us_per_request: Optional[float]
+    lat_p50_us: Optional[float]
+    lat_p99_us: Optional[float]
+
+
+def _fio_once(fio: str, image: str, job: Job, engine: str, numjobs: int, seconds: float,
+              warmup: float, direct: bool) -> Tuple[Optional[Raw], str]:
+    depth = job.qd if engine != "psync" else 1
+    cmd = [fio, f"--name={job.name}", f"--filename={image}", f"--rw={job.fio_rw}",
+           f"--bs={job.bs}", f"--ioengine={engine}", f"--iodepth={depth}",
+           f"--direct={1 if direct else 0}", "--time_based",
+           f"--runtime={max(1, int(seconds * 1000))}ms",
+           f"--ramp_time={int(warmup * 1000)}ms", "--norandommap", "--randrepeat=0",
+           "--invalidate=0", "--unified_rw_reporting=mixed", "--output-format=json"]
+    if 0.0 < job.read_fraction < 1.0:
+        cmd.append(f"--rwmixread={int(round(job.read_fraction * 100))}")
+    if numjobs > 1:
+        cmd += [f"--numjobs={numjobs}", "--thread", "--group_reporting"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    why = " ".join(p.stderr.split())[:200]
+    if p.returncode != 0:
+        return None, why or f"exit {p.returncode}"
+    try:
+        out = p.stdout
+        data = json.loads(out[out.index("{"):])
+        j = data["jobs"][0]
+        m = j["mixed"]
+        if j.get("error") or not m.get("total_ios"):
+            return None, why or f"job error {j.get('error')}"
+        pct = m.get("clat_ns", {}).get("percentile", {})
+        cpu = None
+        if numjobs == 1 and j.get("job_runtime"):
+            cpu = ((j["usr_cpu"] + j["sys_cpu"]) / 100.0 * j["job_runtime"] / 1000.0
+                   / m["total_ios"] * 1e6)
+        p50 = pct.get("50.000000")
+        p99 = pct.get("99.000000")
+        label = engine if numjobs == 1 else f"{engine}x{numjobs}"
+        return Raw(float(m["iops"]), float(m["bw_bytes"]) / MiB, label, cpu,
+                   None if p50 is None else p50 / 1000.0,
+                   None if p99 is None else p99 / 1000.0), ""
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        return None, f"unreadable fio output ({e})"
+
+
+def run_fio(fio: str, image: str, job: Job, seconds: float, warmup: float, direct: bool) -> Raw:
+    """fio at the job's depth: psync at 1, else io_uring, libaio, psync x depth."""
+    if job.qd == 1:
+        tries = [("psync", 1)]
+    else:
+        tries = [("io_uring", 1), ("libaio", 1), ("psync", job.qd)]
+    whys = []
+    for engine, numjobs in tries:
+        raw, why = _fio_once(fio, image, job, engine, numjobs, seconds, warmup, direct)
+        if raw is not None:
+            return raw
+        whys.append(f"{engine}: {why}")
+    raise Failure(f"fio failed for {job.name}: " + "; ".join(whys))
+
+
+def run_py_raw(path: str, job: Job, size: int, seconds: float) -> float:
+    """The old raw figure: preadv/pwritev from gevent's threadpool at the job's depth
+    (Python's cost, not the file's: shown only as ``py_iops``)."""
     import mmap
+
+    import gevent
+    from gevent.threadpool import ThreadPool
 
     pool = ThreadPool(job.qd)
     fd = os.open(path, os.O_RDWR)
-    off = _Offsets(job, size, 1)
+    rnd = random.Random(1)
+    blocks = size // job.bs
     bufs = [mmap.mmap(-1, job.bs) for _ in range(job.qd)]
-    done = [0]
+    state = {"done": 0, "next": 0}
     end = time.monotonic() + seconds
 
     def worker(i: int) -> None:
         view = memoryview(bufs[i])
         while time.monotonic() < end:
-            o = off()
-            if job.rw == "read":
-                pool.apply(os.preadv, (fd, [view], o))
+            if job.sequential:
+                b = state["next"]
+                state["next"] = (b + 1) % blocks
             else:
-                pool.apply(os.pwritev, (fd, [view], o))
-            done[0] += 1
+                b = rnd.randrange(blocks)
+            if rnd.random() < job.read_fraction:
+                pool.apply(os.preadv, (fd, [view], b * job.bs))
+            else:
+                pool.apply(os.pwritev, (fd, [view], b * job.bs))
+            state["done"] += 1
         view.release()
 
     t0 = time.monotonic()
-    gevent.joinall([gevent.spawn(worker, i) for i in range(job.qd)])
-    dt = time.monotonic() - t0
-    os.close(fd)
-    pool.kill()
-    for b in bufs:
-        b.close()
-    return Result(job.name, raw_iops=done[0] / dt, raw_mib_s=done[0] * job.bs / dt / MiB)
-
-
-def run_fio(path: str, job: Job, seconds: float) -> Optional[float]:
-    fio = shutil.which("fio")
-    if fio is None:
-        return None
-    rw = ("" if job.sequential else "rand") + job.rw
-    cmd = [fio, "--name=raw", f"--filename={path}", f"--rw={rw}", f"--bs={job.bs}",
-           "--ioengine=psync", f"--numjobs={job.qd}", "--group_reporting", "--thread",
-           f"--runtime={seconds}", "--time_based", "--output-format=json"]
     try:
-        out = subprocess.run(cmd, capture_output=True, timeout=seconds + 60, check=True).stdout
-        data = json.loads(out)
-        j = data["jobs"][0]
-        return float(j[job.rw]["iops"])
-    except (subprocess.SubprocessError, ValueError, KeyError, IndexError):
+        gevent.joinall([gevent.spawn(worker, i) for i in range(job.qd)])
+        return state["done"] / (time.monotonic() - t0)
+    finally:
+        os.close(fd)
+        pool.kill()
+        for b in bufs:
+            b.close()
+
+
+# -- the gblk side ---------------------------------------------------------------------------
+def _pct(sorted_values: Sequence[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile of sorted seconds, in microseconds."""
+    if not sorted_values:
         return None
+    i = min(len(sorted_values) - 1, max(0, int(q * len(sorted_values) + 0.5) - 1))
+    return sorted_values[i] * 1e6
 
 
-def table(results: Sequence[Result]) -> str:
-    head = f"{'job':<20} {'gblk IOPS':>10} {'MiB/s':>8} {'raw IOPS':>10} {'MiB/s':>8} {'gblk/raw':>9} {'fio IOPS':>10}"
-    lines = [head, "-" * len(head)]
-    for r in results:
-        fio = f"{r.fio_iops:10.0f}" if r.fio_iops is not None else f"{'-':>10}"
-        lines.append(f"{r.job:<20} {r.gblk_iops:10.0f} {r.gblk_mib_s:8.1f} {r.raw_iops:10.0f} "
-                     f"{r.raw_mib_s:8.1f} {r.ratio:9.3f} {fio}")
+def _round(v: Optional[float], nd: int = 1) -> Optional[float]:
+    return None if v is None else round(v, nd)
+
+
+def _write_config(dir: str, path: str, direct: bool) -> str:
+    mode, _ = GRANT_PATHS[path]
+    cfg = os.path.join(dir, f"bench-{path}.toml")
+    with open(cfg, "w") as f:
+        f.write("[backend]\n"
+                f'grant_mode = "{mode}"\n'
+                f'direct_io = "{"always" if direct else "never"}"\n')
+    return cfg
+
+
+def _check_alive(host: Any) -> None:
+    if host.backend is None or not host.backend.alive():
+        tail = "\n".join(host.backend.log_text().splitlines()[-LOG_TAIL:]) if host.backend else ""
+        if tail:
+            _say(tail)
+        raise Failure("the daemon died during the bench (its log is above)")
+
+
+def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
+             args: argparse.Namespace, warmup: float, raws: Dict[str, Optional[Raw]],
+             py: Dict[str, Optional[float]], notes: List[str]) -> List[Dict[str, Any]]:
+    """One daemon with this page path, one guest, every job."""
+    import gevent
+
+    from .blkif.const import SECTOR_SIZE
+    from .sim.bench_guest import (
+        BenchGuest,
+        op_mix,
+        random_sectors,
+        sequential_sectors,
+    )
+    from .sim.frontend import FrontendOptions
+
+    mode, persistent = GRANT_PATHS[path]
+    cfg = _write_config(host.dir, path, args.direct)
+    host.start_backend(["--config", cfg, "--no-metrics", "--log-level", "info"])
+    rows: List[Dict[str, Any]] = []
+    guest = None
+    bg = None
+    try:
+        # one queue: a one-vCPU guest's blkfront (the bench guest drives queue 0)
+        guest = host.create_guest(image=image.path, options=FrontendOptions(
+            persistent=persistent, max_queues=1, initial_zero=False))
+        fe = guest.frontend
+        if fe.persistent != persistent:
+            raise Failure(f"{path}: persistent grants {'not ' if persistent else ''}negotiated "
+                          f"(backend offered feature-persistent={int(fe.disk.persistent)})")
+        connected = [ln for ln in host.backend.log_text().splitlines() if "connected:" in ln]
+        if connected and f"{mode} grants" not in connected[-1]:
+            notes.append(f"{path}: the daemon did not log '{mode} grants' at connect: "
+                         f"{connected[-1].strip()}")
+        disk_sectors = fe.disk.sectors
+        bg = BenchGuest(fe, [(j.bs, j.qd) for j in jobs])
+        pid = host.backend.pid
+        for job in jobs:
+            _check_alive(host)
+            seed = sum(map(ord, job.name))
+            if job.sequential:
+                sectors = sequential_sectors(job.bs, disk_sectors)
+            else:
+                sectors = random_sectors(65536, job.bs, disk_sectors, seed)
+            ops = op_mix(len(sectors), job.read_fraction, seed)
+            gevent.sleep(0)  # let the hub run what is due before the clock starts
+            w = bg.run(job.bs, job.qd, ops, sectors, warmup=warmup, seconds=args.seconds,
+                       backend_pid=pid)
+            qd_eff = bg.effective_qd(job.bs, job.qd)
+            # verification, untimed
+            nsec = job.bs // SECTOR_SIZE
+            blocks = disk_sectors // nsec
+            n = min(blocks, max(8, qd_eff))
+            rnd = random.Random(seed + 1)
+            checked = failures = 0
+            if job.writes:
+                picks = [b * nsec for b in rnd.sample(range(blocks), n)]
+                c, f = bg.verify_writes(image.fd, job.bs, job.qd, picks)
+                checked, failures = checked + c, failures + f
+                os.fsync(image.fd)  # write-back now, not in the next job's window
+            if job.reads:
+                picks = [b * nsec for b in rnd.sample(range(blocks), n)]
+                c, f = bg.verify_reads(image.fd, job.bs, job.qd, picks)
+                checked, failures = checked + c, failures + f
+            _check_alive(host)
+            lat = sorted(w.latencies)
+            iops = w.ios / w.seconds
+            be = w.backend_cpu / w.ios * 1e6 if w.ios and w.backend_cpu >= 0 else None
+            fe_us = w.guest_cpu / w.ios * 1e6 if w.ios else None
+            limited = bool(fe_us is not None and (
+                fe_us * iops / 1e6 >= GUEST_LIMIT_CORE or (be is not None and fe_us > be)))
+            raw = raws.get(job.name)
+            row: Dict[str, Any] = {
+                "job": job.name, "grant_path": path, "bs": job.bs, "qd": job.qd,
+                "qd_effective": qd_eff,
+                "iops": round(iops, 1), "mib_per_s": round(iops * job.bs / MiB, 2),
+                "raw_iops": None if raw is None else round(raw.iops, 1),
+                "raw_mib_per_s": None if raw is None else round(raw.mib_per_s, 2),
+                "ratio": None if raw is None or not raw.iops else round(iops / raw.iops, 4),
+                "fio_engine": None if raw is None else raw.engine,
+                "raw_cpu_us_per_request": None if raw is None else _round(raw.cpu_us_per_request, 2),
+                "raw_lat_p50_us": None if raw is None else _round(raw.lat_p50_us),
+                "raw_lat_p99_us": None if raw is None else _round(raw.lat_p99_us),
+                "backend_cpu_us_per_request": _round(be),
+                "frontend_cpu_us_per_request": _round(fe_us),
+                "lat_p50_us": _round(_pct(lat, 0.50)),
+                "lat_p99_us": _round(_pct(lat, 0.99)),
+                "requests": w.ios,
+                "ring_requests_per_io": bg.parts(job.bs),
+                # whole run (warm-up and drain included): the guest's event-channel traffic
+                "guest_wakeups_per_io": round(w.wakeups * bg.parts(job.bs) / max(1, w.ring_requests), 3),
+                "guest_notifies_per_io": round(w.notifies * bg.parts(job.bs) / max(1, w.ring_requests), 3),
+                "seconds": round(w.seconds, 3),
+                "errors": w.errors + w.violations,
+                "violations": w.violations,
+                "verified": checked,
+                "verify_failures": failures,
+                "guest_limited": limited,
+                "py_iops": _round(py.get(job.name)),
+            }
+            rows.append(row)
+            _say(f"  {path:<10} {job.name:<18} {iops:9.0f} IOPS  daemon {_fmt(be, 7)} us/req  "
+                 f"guest {_fmt(fe_us, 7)} us/req  errors {row['errors']}  "
+                 f"verified {checked - failures}/{checked}")
+    finally:
+        if guest is not None:
+            try:
+                guest.frontend.close(timeout=30)
+            except Exception as e:  # noqa: BLE001 - teardown goes on
+                notes.append(f"{path}: closing the guest: {e}")
+            if bg is not None:
+                busy = bg.release()
+                if busy:
+                    notes.append(f"{path}: {busy} grants still mapped by the daemon after the "
+                                 "guest closed")
+                    if rows:
+                        rows[-1]["verify_failures"] += busy
+            try:
+                host.destroy_guest(guest)
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"{path}: destroying the guest: {e}")
+        code = host.stop_backend()
+        if code not in (0, None):
+            notes.append(f"{path}: the daemon exited with {code}")
+            if rows:
+                rows[-1]["errors"] += 1
+    return rows
+
+
+# -- output ------------------------------------------------------------------------------------
+def _fmt(v: Optional[float], width: int, nd: int = 1) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:{width}.{nd}f}"
+
+
+def table(rows: Sequence[Dict[str, Any]]) -> str:
+    head = (f"{'job':<18} {'path':<10} {'IOPS':>9} {'MiB/s':>8} {'fio IOPS':>9} {'MiB/s':>8} "
+            f"{'ratio':>6} {'daemon':>7} {'guest':>7} {'p50':>8} {'p99':>8} {'err':>4} "
+            f"{'fio engine':<11}")
+    unit = (f"{'':<18} {'':<10} {'':>9} {'':>8} {'':>9} {'':>8} {'':>6} {'us/req':>7} "
+            f"{'us/req':>7} {'us':>8} {'us':>8}")
+    py = any(r.get("py_iops") is not None for r in rows)
+    if py:
+        head += f" {'py IOPS':>9}"
+    lines = [head, unit.rstrip(), "-" * len(head)]
+    for r in rows:
+        err = r["errors"] + r["verify_failures"]
+        lines.append(
+            f"{r['job']:<18} {r['grant_path']:<10} {r['iops']:9.0f} {r['mib_per_s']:8.1f} "
+            f"{_fmt(r['raw_iops'], 9, 0)} {_fmt(r['raw_mib_per_s'], 8)} {_fmt(r['ratio'], 6, 3)} "
+            f"{_fmt(r['backend_cpu_us_per_request'], 7)} "
+            f"{_fmt(r['frontend_cpu_us_per_request'], 7)} {_fmt(r['lat_p50_us'], 8)} "
+            f"{_fmt(r['lat_p99_us'], 8)} {err:4d} {r['fio_engine'] or '-':<11}"
+            + (f" {_fmt(r['py_iops'], 9, 0)}" if py else "")
+            + (" guest-limited" if r["guest_limited"] else ""))
     return "\n".join(lines)
 
 
+# -- main -----------------------------------------------------------------------------------------
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="gblk bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=float, default=5.0, help="per job and side (default 5)")
-    p.add_argument("--size", type=int, default=256, help="image size in MiB (default 256)")
-    p.add_argument("--jobs", default=",".join(j.name for j in JOBS),
-                   help="comma-separated subset of: " + ", ".join(j.name for j in JOBS))
-    p.add_argument("--grant-mode", default="auto", choices=["auto", "map", "copy"],
-                   help="the daemon's backend.grant_mode (default auto: persistent grants)")
-    p.add_argument("--json", action="store_true", help="last stdout line: the results as JSON")
-    p.add_argument("--no-fio", action="store_true", help="skip fio's raw figures")
-    args = p.parse_args(argv)
-    wanted = [j.strip() for j in args.jobs.split(",") if j.strip()]
-    jobs = [j for j in JOBS if j.name in wanted]
-    unknown = set(wanted) - {j.name for j in JOBS}
-    if unknown or not jobs:
-        p.error(f"unknown job(s): {', '.join(sorted(unknown)) or '(none given)'}")
-    from .sim.frontend import FrontendOptions
+    try:
+        args, jobs, paths = parse_args(argv)
+    except Usage as e:
+        _say(f"gblk bench: {e}")
+        return 2
+    try:
+        return _run(args, jobs, paths)
+    except Failure as e:
+        _say(f"gblk bench: {e}")
+        return 1
+
+
+def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
+    fio = None
+    if not args.no_fio:
+        fio = shutil.which("fio")
+        if fio is None:
+            raise Failure("fio not found: the raw side is fio on the same file "
+                          "(apt-get install fio), or pass --no-fio to go without ratios")
+    from .errors import GblkError
     from .sim.host import SimHost
 
+    warmup = min(0.5, max(0.1, args.seconds * 0.2))
     size = args.size * MiB
-    results: List[Result] = []
+    notes: List[str] = []
+    rows: List[Dict[str, Any]] = []
     with SimHost() as host:
-        cfg = os.path.join(host.dir, "bench.toml")
-        with open(cfg, "w") as f:
-            f.write(f'[backend]\ngrant_mode = "{args.grant_mode}"\n')
-        host.start_backend(["--config", cfg, "--no-metrics", "--log-level", "warning"])
-        image = host.make_image("bench.img", size)
-        with open(image, "r+b") as f:  # a written image: no holes, reads hit real data
-            chunk = os.urandom(MiB)
-            for _ in range(args.size):
-                f.write(chunk)
-        print(f"gblk bench: {args.size} MiB image, {args.seconds:g} s per job and side, "
-              f"grant mode {args.grant_mode}", flush=True)
-        # the raw side first: its writes change the image, and the guest, which checks
-        # every byte it reads against what it knows, must see the image only after them
-        raws = {}
-        for job in jobs:
-            raw = run_raw(image, job, size, args.seconds)
-            if not args.no_fio:
-                raw.fio_iops = run_fio(image, job, args.seconds)
-            raws[job.name] = raw
-            print(f"  raw  {job.name}: {raw.raw_iops:.0f} IOPS", flush=True)
-        g = host.create_guest(image=image, options=FrontendOptions(persistent=args.grant_mode == "auto"))
-        fe = g.frontend
-        for job in jobs:
-            r = run_guest(fe, job, size, args.seconds)
-            raw = raws[job.name]
-            r.raw_iops, r.raw_mib_s, r.fio_iops = raw.raw_iops, raw.raw_mib_s, raw.fio_iops
-            r.errors += fe.stats.mismatches
-            results.append(r)
-            print(f"  gblk {job.name}: {r.gblk_iops:.0f} IOPS, ratio {r.ratio:.3f}", flush=True)
-        fe.close()
-    print(table(results))
-    errors = sum(r.errors for r in results)
+        image_dir = args.image_dir or host.dir
+        kind = fs_type(image_dir)
+        if kind == "tmpfs":
+            notes.append(f"the image is on tmpfs ({image_dir}): the daemon's RWF_NOWAIT reads "
+                         "fail there (EOPNOTSUPP); a regular file system is the honest case")
+        image_path = os.path.join(image_dir, f"gblk-bench-{os.getpid()}.img")
+        _say(f"gblk bench: writing a {args.size} MiB image in {image_dir} ({kind or '?'})")
+        image = ResidentImage(image_path, size)
+        try:
+            if not image.locked:
+                _say(f"gblk bench: warning: could not mlock the image ({image.lock_error}): "
+                     "the page cache may be evicted and figures may measure the disk")
+                notes.append(f"image not mlocked ({image.lock_error}): figures may measure the disk")
+            cpus = sorted(os.sched_getaffinity(0))
+            print(f"gblk bench: {args.size} MiB image on {kind or '?'}"
+                  f"{', mlocked' if image.locked else ', NOT mlocked'}, "
+                  f"{'O_DIRECT' if args.direct else 'buffered'}, {args.seconds:g} s per job and "
+                  f"side (+{warmup:g} s warm-up), CPUs {','.join(map(str, cpus))}", flush=True)
+            raws: Dict[str, Optional[Raw]] = {}
+            py: Dict[str, Optional[float]] = {}
+            for job in jobs:
+                if fio is not None:
+                    raws[job.name] = r = run_fio(fio, image.path, job, args.seconds, warmup,
+                                                 args.direct)
+                    _say(f"  fio        {job.name:<18} {r.iops:9.0f} IOPS  ({r.engine})")
+                else:
+                    raws[job.name] = None
+                if args.py_raw:
+                    py[job.name] = run_py_raw(image.path, job, size, args.seconds)
+            if fio is not None and any(j.writes for j in jobs):
+                os.fsync(image.fd)
+            for path in paths:
+                try:
+                    rows += run_path(host, path, image, jobs, args, warmup, raws, py, notes)
+                except GblkError as e:
+                    raise Failure(f"{path}: {e}") from None
+        finally:
+            image.close()
+            if args.image_dir:
+                try:
+                    os.unlink(image_path)
+                except OSError:
+                    pass
+    print(table(rows))
+    print("ratio = gblk IOPS / fio IOPS, same file, same pattern, block size, depth and "
+          "O_DIRECT setting, same run; daemon/guest = CPU us per request in the timed window")
+    print("the bench guest drives ring 0 only (one queue negotiated, as a one-vCPU guest)")
+    if not fio:
+        print("note: --no-fio: no raw side, ratio is null")
+    limited = [f"{r['grant_path']}/{r['job']}" for r in rows if r["guest_limited"]]
+    if limited:
+        print("note: guest-limited (the guest used >= 90% of a CPU or more CPU per request "
+              "than the daemon; gblk may be faster than shown): " + ", ".join(limited))
+    for n in notes:
+        print(f"note: {n}")
+    bad = [r for r in rows if r["errors"] or r["verify_failures"]]
+    if bad:
+        print("FAILED: " + ", ".join(f"{r['grant_path']}/{r['job']} (errors {r['errors']}, "
+                                     f"verification failures {r['verify_failures']})" for r in bad))
     if args.json:
-        print(json.dumps([dict(asdict(r), ratio=r.ratio) for r in results]))
-    return 1 if errors else 0
+        print(json.dumps(rows))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
+    from gevent import monkey
+
+    monkey.patch_all(queue=False)
     sys.exit(main())
