@@ -10,11 +10,12 @@ machine, the test only checks that they are there and well-formed.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from .host_tools import require_tool
 
 #: a hang guard, not a performance bound
 DEADLINE = 120
@@ -33,12 +34,12 @@ def run_bench(args, env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=DEADLINE)
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 def test_bench_smoke_json(child_env):
     """Two jobs (4 KiB random reads at depth 1, 1 MiB sequential writes at depth 4:
     direct and INDIRECT requests) on the persistent and the copy path: exit 0, one
     row per job and path with every required key, numbers where numbers belong,
     no error, every verification done and passed."""
+    require_tool("fio", "fio")
     p = run_bench(["--seconds", "0.5", "--size", "32", "--jobs", "randread-4k-qd1,seqwrite-1m",
                    "--grant-mode", "persistent,copy", "--json"], child_env)
     assert p.returncode == 0, p.stdout + p.stderr
