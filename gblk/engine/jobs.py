@@ -65,13 +65,10 @@ def _descriptors(ctx: JobContext, refs: Sequence[int], nr_segments: int,
                  cached: Dict[int, memoryview], out: Outcome) -> bool:
     try:
         out.segments = ctx.pages.descriptors(refs, nr_segments, cached, out)
+    except _pages.CopyError as e:
+        out.fail("grant_copy", str(e))
     except GrantError as e:
         out.fail("grant_map", str(e))
-    except Exception as e:  # noqa: BLE001 - a failed descriptor copy
-        detail = _pages.copy_failed(e)
-        if detail is None:
-            raise
-        out.fail("grant_copy", detail)
     if out.status != 0:
         _pages.release([], out)  # a failed request caches nothing
         return False

@@ -18,8 +18,9 @@ turns into outcomes. Nothing here reads the shared ring.
 
 from __future__ import annotations
 
+import abc
 import mmap
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 from ..blkif.abi import Segment, parse_indirect_segments
 from ..blkif.const import SECTOR_SHIFT, Op, Status
@@ -96,7 +97,7 @@ def release(mappings: List[GrantMapping], out: Outcome) -> None:
             out.fail("grant_map", f"unmap failed: {e}")
 
 
-class PageSource:
+class PageSource(abc.ABC):
     """One way of reaching guest pages, for one connection of one disk."""
 
     name = ""
@@ -108,16 +109,17 @@ class PageSource:
         self.store = store
         self.domid = domid
 
+    @abc.abstractmethod
     def io(self, op: int, segments: Sequence[Segment], offset: int,
            cached: Dict[int, memoryview], out: Outcome) -> None:
         """Move the data of ``segments`` (already checked) between the guest and the
         store at byte ``offset``; ``op`` is Op.READ or Op.WRITE."""
-        raise NotImplementedError  # pragma: no cover - every source overrides it
 
+    @abc.abstractmethod
     def descriptors(self, refs: Sequence[int], nr_segments: int,
                     cached: Dict[int, memoryview], out: Outcome) -> Tuple[Segment, ...]:
-        """The segment descriptors of an INDIRECT request, from one private copy."""
-        raise NotImplementedError  # pragma: no cover
+        """The segment descriptors of an INDIRECT request, from one private copy.
+        GrantError if a page cannot be reached (``CopyError`` for a failed copy)."""
 
     def _transfer(self, op: int, views: List[memoryview], offset: int) -> None:
         try:
@@ -277,7 +279,7 @@ class CopyPages(PageSource):
             try:
                 statuses = self.gnttab.grant_copy(segs)
             except GrantError as e:
-                raise _CopyFailed(str(e)) from None
+                raise CopyError(str(e)) from None
         finally:
             for c in segs:
                 c.local.release()
@@ -285,13 +287,13 @@ class CopyPages(PageSource):
         out.copies += len(segs)
         bad = [s for s in statuses if s != 0]
         if bad:
-            raise _CopyFailed(f"indirect page copy status {bad[0]}")
+            raise CopyError(f"indirect page copy status {bad[0]}")
         raw: Union[bytes, bytearray] = buf  # private already: the guest cannot change it
         return parse_indirect_segments(raw, nr_segments)
 
 
-class _CopyFailed(Exception):
-    """A grant copy of descriptor pages failed (reason grant_copy, not grant_map)."""
+class CopyError(GrantError):
+    """A grant copy of descriptor pages failed (counted as grant_copy, not grant_map)."""
 
 
 def page_source(path: str, gnttab: GrantTable, store: Store, domid: int) -> PageSource:
@@ -301,7 +303,3 @@ def page_source(path: str, gnttab: GrantTable, store: Store, domid: int) -> Page
         raise ValueError(f"unknown page path {path!r} (known: {', '.join(PATHS)})")
     return cls(gnttab, store, domid)
 
-
-def copy_failed(e: BaseException) -> Optional[str]:
-    """The detail of a descriptor copy failure, or None for any other exception."""
-    return str(e) if isinstance(e, _CopyFailed) else None
