@@ -21,9 +21,10 @@ def revision() -> str:
 
 def _find_revision() -> str:
     try:
-        from ._build import REVISION  # type: ignore[import-not-found,unused-ignore]
+        # imported by name: the module exists only in a built package (setup.py)
+        import importlib
 
-        return str(REVISION)
+        return str(importlib.import_module(__name__ + "._build").REVISION)
     except ImportError:
         pass
     git = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), ".git")
