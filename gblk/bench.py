@@ -37,6 +37,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="page paths, comma-separated subset of: " + ", ".join(GRANT_PATHS)
                    + " (default all)")
     p.add_argument("--image-dir", default=None,
-                   help="directory of the image (default: the simulated host's, under /tmp); "
+                   help="directory of the image (default: a new one under the temporary directory, TMPDIR or /tmp); "
                         "a regular file system: tmpfs refuses the daemon's RWF_NOWAIT reads")
     p.add_argument("--direct", action="store_true",
                    help="O_DIRECT on both sides (daemon direct_io=always, fio --direct=1); "
@@ -543,6 +544,68 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def _guest_ram_dir() -> Optional[str]:
+    """A fresh directory for the simulated host on tmpfs (/dev/shm), or None (the
+    simulated host then makes its own under the temporary directory)."""
+    if fs_type("/dev/shm") != "tmpfs" or not os.access("/dev/shm", os.W_OK):
+        return None
+    return tempfile.mkdtemp(prefix="gblk-sim-", dir="/dev/shm")
+
+
+def _run_on(host: Any, image_dir: str, args: argparse.Namespace, jobs: List[Job],
+            paths: List[str], fio: Optional[str], warmup: float, size: int,
+            notes: List[str]) -> List[Dict[str, Any]]:
+    from .errors import GblkError
+
+    rows: List[Dict[str, Any]] = []
+    kind = fs_type(image_dir)
+    if kind == "tmpfs":
+        notes.append(f"the image is on tmpfs ({image_dir}): the daemon's RWF_NOWAIT reads "
+                     "fail there (EOPNOTSUPP); a regular file system is the honest case")
+    if fs_type(host.dir) != "tmpfs":
+        notes.append(f"the simulated guest's RAM is on {fs_type(host.dir) or '?'} "
+                     f"({host.dir}), not tmpfs: page-cache work on it counts as the daemon's")
+    image_path = os.path.join(image_dir, f"gblk-bench-{os.getpid()}.img")
+    _say(f"gblk bench: writing a {args.size} MiB image in {image_dir} ({kind or '?'})")
+    image = ResidentImage(image_path, size)
+    try:
+        if not image.locked:
+            _say(f"gblk bench: warning: could not mlock the image ({image.lock_error}): "
+                 "the page cache may be evicted and figures may measure the disk")
+            notes.append(f"image not mlocked ({image.lock_error}): figures may measure the disk")
+        cpus = sorted(os.sched_getaffinity(0))
+        print(f"gblk bench: {args.size} MiB image on {kind or '?'}"
+              f"{', mlocked' if image.locked else ', NOT mlocked'}, "
+              f"{'O_DIRECT' if args.direct else 'buffered'}, {args.seconds:g} s per job and "
+              f"side (+{warmup:g} s warm-up), CPUs {','.join(map(str, cpus))}", flush=True)
+        raws: Dict[str, Optional[Raw]] = {}
+        py: Dict[str, Optional[float]] = {}
+        for job in jobs:
+            if fio is not None:
+                raws[job.name] = r = run_fio(fio, image.path, job, args.seconds, warmup,
+                                             args.direct)
+                _say(f"  fio        {job.name:<18} {r.iops:9.0f} IOPS  ({r.engine})")
+            else:
+                raws[job.name] = None
+            if args.py_raw:
+                py[job.name] = run_py_raw(image.path, job, size, args.seconds)
+        if fio is not None and any(j.writes for j in jobs):
+            os.fsync(image.fd)
+        for path in paths:
+            try:
+                rows += run_path(host, path, image, jobs, args, warmup, raws, py, notes)
+            except GblkError as e:
+                raise Failure(f"{path}: {e}") from None
+    finally:
+        image.close()
+        if args.image_dir:
+            try:
+                os.unlink(image_path)
+            except OSError:
+                pass
+    return rows
+
+
 def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
     fio = None
     if not args.no_fio:
@@ -550,57 +613,29 @@ def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
         if fio is None:
             raise Failure("fio not found: the raw side is fio on the same file "
                           "(apt-get install fio), or pass --no-fio to go without ratios")
-    from .errors import GblkError
     from .sim.host import SimHost
 
     warmup = min(0.5, max(0.1, args.seconds * 0.2))
     size = args.size * MiB
     notes: List[str] = []
     rows: List[Dict[str, Any]] = []
-    with SimHost() as host:
-        image_dir = args.image_dir or host.dir
-        kind = fs_type(image_dir)
-        if kind == "tmpfs":
-            notes.append(f"the image is on tmpfs ({image_dir}): the daemon's RWF_NOWAIT reads "
-                         "fail there (EOPNOTSUPP); a regular file system is the honest case")
-        image_path = os.path.join(image_dir, f"gblk-bench-{os.getpid()}.img")
-        _say(f"gblk bench: writing a {args.size} MiB image in {image_dir} ({kind or '?'})")
-        image = ResidentImage(image_path, size)
-        try:
-            if not image.locked:
-                _say(f"gblk bench: warning: could not mlock the image ({image.lock_error}): "
-                     "the page cache may be evicted and figures may measure the disk")
-                notes.append(f"image not mlocked ({image.lock_error}): figures may measure the disk")
-            cpus = sorted(os.sched_getaffinity(0))
-            print(f"gblk bench: {args.size} MiB image on {kind or '?'}"
-                  f"{', mlocked' if image.locked else ', NOT mlocked'}, "
-                  f"{'O_DIRECT' if args.direct else 'buffered'}, {args.seconds:g} s per job and "
-                  f"side (+{warmup:g} s warm-up), CPUs {','.join(map(str, cpus))}", flush=True)
-            raws: Dict[str, Optional[Raw]] = {}
-            py: Dict[str, Optional[float]] = {}
-            for job in jobs:
-                if fio is not None:
-                    raws[job.name] = r = run_fio(fio, image.path, job, args.seconds, warmup,
-                                                 args.direct)
-                    _say(f"  fio        {job.name:<18} {r.iops:9.0f} IOPS  ({r.engine})")
-                else:
-                    raws[job.name] = None
-                if args.py_raw:
-                    py[job.name] = run_py_raw(image.path, job, size, args.seconds)
-            if fio is not None and any(j.writes for j in jobs):
-                os.fsync(image.fd)
-            for path in paths:
-                try:
-                    rows += run_path(host, path, image, jobs, args, warmup, raws, py, notes)
-                except GblkError as e:
-                    raise Failure(f"{path}: {e}") from None
-        finally:
-            image.close()
+    # The simulated guest's RAM is a file in the host's directory: on tmpfs it is RAM,
+    # as a real guest's is; on a disk file system every page the daemon writes into
+    # would be a dirty file page (page_mkwrite, writeback) and the bench would charge
+    # that to the daemon. The image stays on a regular file system (RWF_NOWAIT).
+    host_dir = _guest_ram_dir()
+    scratch = None
+    try:
+        with SimHost(dir=host_dir) as host:
             if args.image_dir:
-                try:
-                    os.unlink(image_path)
-                except OSError:
-                    pass
+                image_dir = args.image_dir
+            else:
+                image_dir = scratch = tempfile.mkdtemp(prefix="gblk-bench-")
+            rows += _run_on(host, image_dir, args, jobs, paths, fio, warmup, size, notes)
+    finally:
+        for d in (scratch, host_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
     print(table(rows))
     print("ratio = gblk IOPS / fio IOPS, same file, same pattern, block size, depth and "
           "O_DIRECT setting, same run; daemon/guest = CPU us per request in the timed window")

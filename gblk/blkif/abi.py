@@ -164,6 +164,12 @@ def parse_indirect_segments(pages: Union[bytes, bytearray], count: int) -> Tuple
     return tuple(map(Segment._make, SEGMENT.iter_unpack(memoryview(pages)[:count * SEGMENT_SIZE])))
 
 
+def indirect_segment_tuples(pages: Union[bytes, bytearray], count: int) -> List[Tuple[int, int, int]]:
+    """The same as plain ``(gref, first_sect, last_sect)`` tuples: the hub's form for a
+    request of up to 4096 segments, with no Python object built per segment."""
+    return list(SEGMENT.iter_unpack(memoryview(pages)[:count * SEGMENT_SIZE]))
+
+
 def pack_indirect_segments(segments: Tuple[Segment, ...]) -> bytes:
     return b"".join(SEGMENT.pack(*s) for s in segments)
 

@@ -7,10 +7,10 @@ reason ``unsupported_op`` is answered EOPNOTSUPP, every other one ERROR.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Tuple
 
 from ..errors import InvalidRequest
-from .abi import Request, Segment
+from .abi import Request
 from .const import (
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -94,16 +94,17 @@ def indirect_pages(nr_segments: int) -> int:
     )
 
 
-def check_segments(sector: int, segments: Sequence[Segment], lim: DiskLimits) -> int:
-    """Check each segment and the whole range; return the request's length in sectors."""
+def check_segments(sector: int, segments: Sequence[Tuple[int, int, int]], lim: DiskLimits) -> int:
+    """Check each segment (a ``Segment`` or a plain ``(gref, first_sect, last_sect)``)
+    and the whole range; return the request's length in sectors."""
     total = 0
     align = lim.sector_size // SECTOR_SIZE - 1  # in 512-byte sectors
-    for s in segments:
-        if s.first_sect > s.last_sect or s.last_sect >= SECTORS_PER_PAGE:
-            raise InvalidRequest("invalid_segment", f"sectors {s.first_sect}..{s.last_sect}")
-        if align and (s.first_sect & align or (s.last_sect + 1) & align):
+    for _, first, last in segments:
+        if first > last or last >= SECTORS_PER_PAGE:
+            raise InvalidRequest("invalid_segment", f"sectors {first}..{last}")
+        if align and (first & align or (last + 1) & align):
             raise InvalidRequest("invalid_segment", "segment not aligned to sector-size")
-        total += s.last_sect - s.first_sect + 1
+        total += last - first + 1
     check_range(sector, total, lim)
     return total
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..xen.interfaces import GrantMapping
 
@@ -52,23 +52,46 @@ class PersistentGrants:
                 found[ref] = e.view
         return found
 
-    def views(self, segments: Iterable[Any]) -> Optional[List[memoryview]]:
-        """For IO on the hub, now: the ``[first_sect, last_sect]`` slice of each
-        segment's page (XSA-403), or None unless every page is cached. Nothing is
-        pinned: the caller releases the slices before it yields."""
+    def views(self, segments: Iterable[Tuple[int, int, int]],
+              pin: bool = False) -> Optional[Tuple[List[memoryview], List[_Entry]]]:
+        """The ``[first_sect, last_sect]`` slice of each segment's page (XSA-403) and
+        the entries they come from, or None (nothing held) unless every page is
+        cached. One pass, for the hot path. ``pin``: the entries are pinned (never
+        evicted) until ``unpin(entries)``, for a job; else the caller uses the slices
+        before it yields (``pin(entries)`` if it hands them to a job after all). The
+        caller releases the slices in every case."""
         entries = self._entries
+        get = entries.get
+        to_end = entries.move_to_end
         now = self.now
         out: List[memoryview] = []
-        for s in segments:
-            e = entries.get(s.gref)
+        used: List[_Entry] = []
+        for gref, first, last in segments:
+            e = get(gref)
             if e is None:
+                if pin:
+                    self.unpin(used)
                 for v in out:
                     v.release()
                 return None
-            entries.move_to_end(s.gref)
+            to_end(gref)
             e.last_used = now
-            out.append(e.view[s.first_sect << 9:(s.last_sect + 1) << 9])
-        return out
+            if pin:
+                e.users += 1
+            used.append(e)
+            out.append(e.view[first << 9:(last + 1) << 9])
+        return out, used
+
+    @staticmethod
+    def pin(used: List[_Entry]) -> None:
+        for e in used:
+            e.users += 1
+
+    def unpin(self, used: List[_Entry]) -> None:
+        now = self.now
+        for e in used:
+            e.users -= 1
+            e.last_used = now
 
     def release(self, grefs: Iterable[int]) -> None:
         now = time.monotonic()

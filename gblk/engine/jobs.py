@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Segment
-from ..blkif.const import SECTOR_SHIFT
+from ..blkif.const import SECTOR_SHIFT, Op
 from ..blkif.validate import DiskLimits, check_segments, indirect_pages
 from ..errors import GblkError, GrantError, InvalidRequest
 from ..storage import Store
@@ -29,7 +29,7 @@ MODE_PERSISTENT = _pages.PERSISTENT
 MODE_COPY = _pages.COPY
 
 __all__ = ["Outcome", "JobContext", "run_request", "run_indirect", "read_indirect",
-           "read_descriptors", "run_discard", "run_batch", "unmap_all", "unmap_reporting", "apply", "flush_only"]
+           "read_descriptors", "run_views", "run_discard", "run_batch", "unmap_all", "unmap_reporting", "apply", "flush_only"]
 
 #: kept for callers that parse descriptor pages themselves
 read_descriptors = join_descriptors
@@ -135,6 +135,25 @@ def run_request(
     except OSError as e:
         _pages.release([], out)
         return out.fail("io_error", e.strerror or str(e))
+    return out
+
+
+def run_views(ctx: JobContext, op: int, views: List[memoryview], offset: int,
+              nbytes: int) -> Outcome:
+    """READ/WRITE of checked segments whose pages the hub already sliced (every page
+    a pinned persistent grant): the syscalls only. The views are released here."""
+    out = Outcome()
+    try:
+        if op == Op.READ:
+            ctx.store.readv(views, offset)
+        else:
+            ctx.store.writev(views, offset)
+        out.nbytes = nbytes
+    except OSError as e:
+        out.fail("io_error", e.strerror or str(e))
+    finally:
+        for v in views:
+            v.release()
     return out
 
 

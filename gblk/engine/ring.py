@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 import gevent
 import gevent.event
 
-from ..blkif.abi import Segment
+from ..blkif.abi import Segment, indirect_segment_tuples
 from ..blkif.const import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     RING_HEADER_SIZE,
@@ -66,7 +66,10 @@ _OP_LABEL: Dict[int, str] = {
     Op.DISCARD: "discard",
 }
 
+#: seconds between two looks for idle persistent grants (at most)
 SWEEP_INTERVAL = 10.0
+#: passes that found more work run back to back this many times before yielding
+PASSES_PER_YIELD = 4
 #: most threadpool jobs one ring pass is split into when the store is slow
 JOBS_PER_PASS = 4
 #: seconds per request below which a store counts as fast: a whole pass in one job
@@ -78,7 +81,9 @@ _OKAY = int(Status.OKAY)
 _MAX_SEGS = BLKIF_MAX_SEGMENTS_PER_REQUEST
 
 #: a job item: (slot, function, arguments, pinned persistent grants)
-_Item = Tuple[int, Callable[..., Outcome], Tuple[Any, ...], Optional[List[int]]]
+#: (pinned: grefs for ``PersistentGrants.release``, or for ``jobs.run_views`` the
+#: cache entries for ``unpin``)
+_Item = Tuple[int, Callable[..., Outcome], Tuple[Any, ...], Optional[List[Any]]]
 
 
 class RingWorker:
@@ -116,7 +121,10 @@ class RingWorker:
             self._pgrants = PersistentGrants(dp.max_persistent_grants, dp.persistent_grant_idle)
         self._pg_count = 0
         self._pg_evictions = 0
-        self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+        #: how often idle persistent grants are looked for: at most SWEEP_INTERVAL,
+        #: and often enough that one is unmapped within 1.5x its idle time
+        self._sweep_every = min(SWEEP_INTERVAL, max(0.05, dp.persistent_grant_idle / 2))
+        self._next_sweep = time.monotonic() + self._sweep_every
         self.finished = gevent.event.Event()
         # per-slot records of consumed requests (sized in start())
         self._rid: List[int] = []
@@ -200,15 +208,29 @@ class RingWorker:
 
     # -- the loop -----------------------------------------------------------------
     def _run(self) -> None:
+        wake = self._wake
+        streak = 0
         try:
             while True:
-                self._wake.wait()
-                self._wake.clear()
+                # a ring with cached grants wakes now and then even when idle: the
+                # sweep unmaps what an idle guest no longer uses (Linux's purge timer)
+                if self._pgrants is not None and len(self._pgrants):
+                    wake.wait(max(0.0, self._next_sweep - time.monotonic()) + 0.01)
+                else:
+                    wake.wait()
+                wake.clear()
                 self._pass()
                 if self._stopping and not self._outstanding():
                     break
-                if self._wake.is_set():
-                    gevent.sleep(0)  # more work: let other rings and devices run first
+                if wake.is_set():
+                    # more work: a few passes back to back, then let the other rings,
+                    # devices and the daemon's own watchers run
+                    streak += 1
+                    if streak >= PASSES_PER_YIELD:
+                        streak = 0
+                        gevent.sleep(0)
+                else:
+                    streak = 0
         finally:
             self.finished.set()
 
@@ -248,7 +270,7 @@ class RingWorker:
         if self._pgrants is not None:
             now = time.monotonic()
             if now >= self._next_sweep:
-                self._next_sweep = now + SWEEP_INTERVAL
+                self._next_sweep = now + self._sweep_every
                 self._unmap(self._pgrants.sweep(), wait=False)
                 self._update_pgrant_gauge()
         if not self._stopping and not st.halted and not self._queue:
@@ -363,41 +385,50 @@ class RingWorker:
         sector = f[4]
         segs = [Segment(f[5 + 3 * i], f[6 + 3 * i], f[7 + 3 * i]) for i in range(n)]
         try:
-            check_segments(sector, segs, lim)
+            sectors = check_segments(sector, segs, lim)
         except InvalidRequest as e:
             self._finish(slot, Status.ERROR, e.reason, str(e))
             return
-        self._data(slot, op, segs, sector, batch)
+        self._data(slot, op, segs, sector, sectors, batch)
 
-    def _data(self, slot: int, op: int, segs: List[Segment], sector: int,
-              batch: List[_Item]) -> None:
-        """Checked READ/WRITE segments: the hub when every page is cached and the store
-        does it without blocking, else one job item."""
+    def _data(self, slot: int, op: int, segs: Sequence[Tuple[int, int, int]], sector: int,
+              sectors: int, batch: List[_Item]) -> None:
+        """Checked READ/WRITE segments (``sectors`` long): on the hub when every page is
+        cached and the store does it without blocking; else one job item, which gets
+        the pages already sliced and pinned when every page is cached."""
         dp = self.dp
         pg = self._pgrants
         if pg is not None:
-            views = pg.views(segs)
-            if views is not None:
-                total = sum(len(v) for v in views)
+            store = dp.store
+            nowait = store.can_nowait(op == _WRITE)
+            got = pg.views(segs, pin=not nowait)
+            if got is not None:
+                views, used = got
                 offset = sector << SECTOR_SHIFT
-                try:
-                    if op == _READ:
-                        done = dp.store.readv_nowait(views, offset, total)
-                    else:
-                        done = dp.store.writev_nowait(views, offset, total)
-                except OSError as e:
-                    self._finish(slot, Status.ERROR, "io_error", e.strerror or str(e))
-                    return
-                finally:
-                    for v in views:
-                        v.release()
-                if done:
-                    self.stats.bytes[self._label[slot]] += total
-                    self._finish(slot, _OKAY, "", "")
-                    return
-        cached, pinned = self._cached(segs)
-        batch.append((slot, jobs.run_request, (dp.job, op, segs, sector, cached, False, False),
-                      pinned))
+                total = sectors << SECTOR_SHIFT
+                if nowait:
+                    try:
+                        if op == _READ:
+                            done = store.readv_nowait(views, offset, total)
+                        else:
+                            done = store.writev_nowait(views, offset, total)
+                    except OSError as e:
+                        done = None
+                        self._finish(slot, Status.ERROR, "io_error", e.strerror or str(e))
+                    if done is not False:
+                        for v in views:
+                            v.release()
+                        if done:
+                            self.stats.bytes[self._label[slot]] += total
+                            self._finish(slot, _OKAY, "", "")
+                        return
+                    pg.pin(used)  # it would block: the same slices go to a job
+                batch.append((slot, jobs.run_views, (dp.job, op, views, offset, total), used))
+                return
+        segments = [s if type(s) is Segment else Segment._make(s) for s in segs]
+        cached, pinned = self._cached(segments)
+        batch.append((slot, jobs.run_request,
+                      (dp.job, op, segments, sector, cached, False, False), pinned))
 
     def _indirect(self, slot: int, op: int, grefs: Tuple[int, ...], nr_segments: int,
                   sector: int, batch: List[_Item]) -> None:
@@ -410,15 +441,16 @@ class RingWorker:
                 # every descriptor page is a cached persistent grant: read them here
                 # (a copy of mapped memory; no syscall, no thread handoff)
                 try:
-                    segs = list(jobs.read_descriptors(have, refs, nr_segments))
+                    raw = b"".join([have[r] for r in refs])  # the one read of them
                 finally:
                     pg.release(have)
+                segs = indirect_segment_tuples(raw, nr_segments)
                 try:
-                    check_segments(sector, segs, dp.job.limits)
+                    sectors = check_segments(sector, segs, dp.job.limits)
                 except InvalidRequest as e:
                     self._finish(slot, Status.ERROR, e.reason, str(e))
                     return
-                self._data(slot, op, segs, sector, batch)
+                self._data(slot, op, segs, sector, sectors, batch)
                 return
             batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, have),
                           list(have)))
@@ -475,7 +507,10 @@ class RingWorker:
         if fn is jobs.run_request and self._rop[slot] == Op.WRITE_BARRIER:
             self._barrier = False
         if pinned and self._pgrants is not None:
-            self._pgrants.release(pinned)
+            if fn is jobs.run_views:
+                self._pgrants.unpin(pinned)
+            else:
+                self._pgrants.release(pinned)
         if isinstance(out, BaseException):  # a bug in a job, not the guest's doing
             self.dp.log.error("queue %d: job failed: %r", self.queue, out)
             self._finish(slot, Status.ERROR, "io_error", repr(out))

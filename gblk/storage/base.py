@@ -35,6 +35,11 @@ class Store(abc.ABC):
     def writev(self, views: Sequence[memoryview], offset: int) -> None:
         """Write every view from ``offset`` on, completely, or raise OSError."""
 
+    def can_nowait(self, write: bool) -> bool:
+        """Whether ``writev_nowait`` (``write``) or ``readv_nowait`` can succeed at all
+        for this store; False: the caller does not try (it would cost a syscall)."""
+        return False
+
     def readv_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
         """Fill the views only if that cannot block (the data is in the page cache):
         True when all ``nbytes`` were read, False when nothing or part was (the caller

@@ -58,24 +58,29 @@ def _transfer(
     offset: int,
 ) -> None:
     """Run preadv/pwritev until every byte moved (short transfers resume where they
-    stopped; at most IOV_MAX vectors per call)."""
-    pending = [v for v in views if len(v)]
+    stopped; at most IOV_MAX vectors per call). The usual case is one call and no
+    per-view Python work."""
+    left = sum(map(len, views))
+    pending = views if len(views) <= IOV_MAX else list(views)
     # the tails sliced here are released before returning, also on error: a slice of a
     # guest page kept alive by the exception's traceback would make its unmap fail
     tails: List[memoryview] = []
     try:
-        while pending:
-            chunk = pending[:IOV_MAX]
-            n = op(fd, chunk, offset)
+        while left:
+            chunk = pending if len(pending) <= IOV_MAX else pending[:IOV_MAX]
+            n = op(fd, chunk, offset)  # type: ignore[arg-type]
             if n <= 0:
                 raise OSError(errno.EIO, "short transfer: the backing store ended early")
+            left -= n
+            if not left:
+                return
             offset += n
             # drop whole views done, keep the tail of a partial one
             i = 0
             while i < len(pending) and n >= len(pending[i]):
                 n -= len(pending[i])
                 i += 1
-            rest = pending[i:]
+            rest = list(pending[i:])
             if n and rest:
                 rest[0] = rest[0][n:]
                 tails.append(rest[0])
@@ -160,6 +165,9 @@ class RawStore(Store):
 
     def writev(self, views: Sequence[memoryview], offset: int) -> None:
         _transfer(os.pwritev, self.fd, views, offset)
+
+    def can_nowait(self, write: bool) -> bool:
+        return self._nowait_write if write else self._nowait_read
 
     def readv_nowait(self, views: Sequence[memoryview], offset: int, nbytes: int) -> bool:
         if not self._nowait_read:

@@ -9,8 +9,19 @@ only: nothing is compiled at install time.
 The choice, measured on the Debian 12 x86-64 build machine (glibc 2.36, cffi 2.0,
 CPython 3.11; 1e6 calls, best of 3):
 
-* **Chosen: pthread_spin_lock + pthread_spin_unlock on a private spinlock (libc),
-  about 300 ns per fence().** POSIX lists both among the functions that
+* **Chosen on x86: acquire + release of a private, real (unpatched) thread lock,
+  about 145 ns per fence(), and no GIL release.** Every cffi call releases and
+  retakes the GIL; with threadpool workers running, retaking it after a 20 ns fence
+  cost the ring loop whole GIL hand-offs (py-spy: up to 20 % of the hub's wall time
+  in ``fence_spinlock`` on 1 MiB writes). An uncontended ``Lock.acquire()`` is taken
+  without releasing the GIL, and taking a lock is an atomic read-modify-write
+  (glibc's ``sem_trywait`` on CPython <= 3.12, ``PyMutex``'s compare-exchange on
+  3.13): on x86 every atomic read-modify-write is a ``lock``-prefixed instruction
+  (or ``xchg``, locked implicitly), a full barrier by the same SDM rule as below.
+  The lock is private and held for two calls only.
+* Before (kind "spinlock", kept for comparison and where a C-level fence is
+  wanted): pthread_spin_lock + pthread_spin_unlock on a private spinlock (libc),
+  about 300 ns per fence() (457 ns measured with gevent loaded). POSIX lists both among the functions that
   "synchronize memory" (XBD 4.12), and libc is always there. On x86-64 glibc's
   ``pthread_spin_lock`` is ``lock decl (%rdi)`` (checked with objdump); a locked
   instruction is not reordered with earlier or later loads or stores (Intel SDM
@@ -38,7 +49,7 @@ import platform
 from typing import Any, Callable, Optional
 
 from gblk.errors import XenUnavailable
-from gblk.xen.native import new_ffi
+from gblk.xen.native import native_lock, new_ffi
 
 _CDEF = """
 typedef int pthread_spinlock_t;
@@ -56,15 +67,24 @@ _X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
 
 
 def make_fence(kind: Optional[str] = None) -> Callable[[], None]:
-    """Build a fence callable. ``kind``: "spinlock" (libc), "libatomic", or None for
-    the default (spinlock on x86, libatomic elsewhere when it can be loaded)."""
+    """Build a fence callable. ``kind``: "lock" (x86 only: see above), "spinlock" (libc), "libatomic", or None for
+    the default (lock on x86, libatomic elsewhere when it can be loaded)."""
     if kind is None:
-        kind = "spinlock" if platform.machine().lower() in _X86 else "libatomic"
+        kind = "lock" if platform.machine().lower() in _X86 else "libatomic"
         if kind == "libatomic":
             try:
                 return make_fence("libatomic")
             except XenUnavailable:
                 kind = "spinlock"
+    if kind == "lock":
+        lock = native_lock()
+        acquire, release = lock.acquire, lock.release
+
+        def fence_lock() -> None:
+            acquire()
+            release()
+
+        return fence_lock
     if kind == "libatomic":
         try:
             atomic: Any = _atomic_ffi.dlopen("libatomic.so.1")

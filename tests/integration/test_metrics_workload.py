@@ -502,3 +502,30 @@ def test_promtool_is_clean_and_healthz_ok_while_serving(served: Tuple[SimHost, s
     status, body = http_get(healthz_url(url))
     assert (status, body.strip()) == (200, b"ok")
     host.destroy_guest(g)
+
+
+def test_idle_guest_persistent_grants_are_unmapped(tmp_path) -> None:
+    """A guest that goes quiet gets its persistent grants unmapped after
+    ``backend.persistent_grant_idle`` (Linux's blkback purges unused ones on a timer):
+    nothing wakes an idle ring but its own sweep timer. The disk still serves
+    afterwards (the grants are mapped again), and maps and unmaps balance."""
+    with SimHost(dir=str(tmp_path)) as host:
+        daemon = start_daemon(host, "idle", '[daemon]\nkinds = ["qdisk"]\n'
+                                            '[backend]\npersistent_grant_idle = 0.5\n')
+        try:
+            url = metrics_url(daemon)
+            g = host.create_guest(size=16 * MiB, options=FrontendOptions(
+                initial_zero=True, max_queues=1))
+            fe = g.frontend
+            fe.write(0, pattern(1, 32 * PAGE))
+            assert _grants(url, g)[2] > 0
+            # no request from here on: only the ring's own timer can unmap them
+            maps, unmaps, _ = eventually(lambda: _grants(url, g), lambda m: m[2] == 0,
+                                         "gblk_persistent_grants of an idle guest", timeout=10)
+            assert maps - unmaps == _ring_pages(fe)
+            assert fe.read(0, 256) == pattern(1, 32 * PAGE)
+            assert _grants(url, g)[2] > 0
+            assert fe.stats.mismatches == 0
+            host.destroy_guest(g)
+        finally:
+            daemon.stop()

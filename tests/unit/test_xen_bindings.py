@@ -167,7 +167,7 @@ def test_real_mapping_refuses_unmap_while_a_view_is_alive():
 
 
 def test_fence_is_callable_everywhere():
-    """fence() runs (the libc spinlock pair on x86) from many threads at once: it is
+    """fence() runs (a private lock on x86) from many threads at once: it is
     a barrier, never a lock anyone could be left holding."""
     assert barrier.fence() is None
     errors = []
@@ -191,6 +191,7 @@ def test_fence_kinds():
     """Both fence implementations are buildable by name; libatomic's is used when
     libatomic1 is installed, and its absence is explained, not a traceback."""
     barrier.make_fence("spinlock")()
+    barrier.make_fence("lock")()
     try:
         fence = barrier.make_fence("libatomic")
     except XenUnavailable as e:
