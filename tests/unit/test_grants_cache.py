@@ -206,3 +206,31 @@ def test_every_mapping_accounted_for(clock: Clock) -> None:
     handed_back.extend(c.drain())
     assert len(handed_back) == len(offered)
     assert {id(m) for m in handed_back} == {id(m) for m in offered}
+
+
+def test_views_slice_exactly_and_pin_until_unpinned(clock: Clock) -> None:
+    """``views`` gives each segment's [first_sect, last_sect] slice of its page (no
+    byte outside it: XSA-403) in one pass; pinned entries survive eviction and the
+    idle sweep until unpinned, and a missing page leaves nothing sliced or pinned."""
+    c = PersistentGrants(limit=2, idle_seconds=10)
+    assert c.adopt(maps(1, 2)) == []
+    page1 = c.acquire([1])[1]
+    c.release([1])
+    page1[:] = bytes(range(256)) * 16
+    got = c.views([(1, 1, 2), (2, 0, 7)], pin=True)
+    assert got is not None
+    views, used = got
+    assert [len(v) for v in views] == [1024, 4096]
+    assert bytes(views[0]) == bytes(page1[512:1536])
+    # both pinned: a third grant cannot get in, the idle sweep takes nothing
+    clock.now += 100
+    assert refs_of(c.adopt(maps(3))) == [3]
+    assert c.sweep() == []
+    for v in views:
+        v.release()
+    c.unpin(used)
+    assert refs_of(c.adopt(maps(4))) == [1]  # least recently used, now unpinned
+    # gref 1 is gone: no views, and gref 4's entry is not left pinned
+    assert c.views([(4, 0, 7), (1, 0, 7)], pin=True) is None
+    clock.now += 100
+    assert c.sweep() and len(c) == 0
