@@ -77,7 +77,7 @@ class Request:
 
 
 class Abi:
-    """One ABI's struct table. Offsets are in PROTOCOL.md §3."""
+    """One ABI's struct table. Offsets are in docs/protocol.md §3."""
 
     def __init__(self, name: str, id_pad: str, rsp_pad: str) -> None:
         self.name = name

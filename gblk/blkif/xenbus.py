@@ -1,7 +1,7 @@
 """XenStore node names of a blkif device and the negotiation they carry.
 
 Pure: callers pass a ``read(key) -> Optional[str]`` over one directory, so this is
-testable with a dict. Names are exactly those of blkif.h (PROTOCOL.md §1).
+testable with a dict. Names are exactly those of blkif.h (docs/protocol.md §1).
 """
 
 from __future__ import annotations

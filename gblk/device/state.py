@@ -1,4 +1,4 @@
-"""The backend's XenBus state machine as a pure function (PROTOCOL.md §5).
+"""The backend's XenBus state machine as a pure function (docs/protocol.md §5).
 
 ``decide`` looks only at the *current* values (watches coalesce and can fire with
 no change) and returns the one next step; the device applies it and asks again

@@ -1,6 +1,7 @@
 """One ring (queue) of one device: the greenlet that serves it.
 
-The data path of ARCHITECTURE.md, built for what each request costs:
+The data path (docs/architecture.md; the ring rules it keeps: docs/protocol.md §4),
+built for what each request costs:
 
 1. Wake on the event channel; take the one pending port of this handle and unmask it.
 2. Copy every new slot in one piece (``BackRing.take_block``) and parse the copy with

@@ -73,7 +73,7 @@ XENBUS_STATES: Dict[int, str] = {
 }
 XENBUS_STATE_CONNECTED = 4
 
-#: blkif sectors are 512 bytes, always (PROTOCOL.md 1.2)
+#: blkif sectors are 512 bytes, always (docs/protocol.md §1.2)
 SECTOR_SIZE = 512
 
 #: ops whose latency histogram is exported even before the first request, so that

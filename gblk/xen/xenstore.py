@@ -1,7 +1,7 @@
 """gblk's XenStore client: :class:`PyxsXenStore`, ``gblk.xen.interfaces.XenStore``
 over pyxs 0.4.1, for greenlets.
 
-The safeguards PROTOCOL.md §9 asks for live here and only here:
+The safeguards listed in docs/protocol.md §9 live here and only here:
 
 - every request has a timeout (``gevent.Timeout``) and raises ``XenStoreError``
   (``errno_name`` ``ETIMEDOUT``) instead of hanging when xenstored stops answering;

@@ -2,7 +2,7 @@
 
 A malicious guest must not be able to crash gblk, make it touch data outside a
 request, answer a request twice or never, leak grant mappings, or grow its memory
-without bound (PROTOCOL.md §7). The suite drives the simulated guest's hostile hooks
+without bound (docs/protocol.md §7). The suite drives the simulated guest's hostile hooks
 (``gblk.sim.frontend``: ``mutate=``, ``put_raw``, ``rewrite_slot``, ``revoke_grant``,
 ``set_req_prod``, ``notify(count=)``, ``set_state``...) against real ``gblk serve``
 processes on a simulated host, and judges the daemon only from the outside: its

@@ -1,4 +1,4 @@
-"""The backend's lifecycle through real processes on the simulated host (PROTOCOL.md
+"""The backend's lifecycle through real processes on the simulated host (docs/protocol.md
 §5, issue 4): online resize, reconnect after a guest reboot, unplug (with an active
 and with an inactive frontend), a backend directory removed and a guest destroyed
 with IO in flight, one failing device beside a working one, and the daemon stopped
@@ -79,7 +79,7 @@ def _no_traceback(daemon: BackendProcess) -> None:
 # -- resize --------------------------------------------------------------------------------
 def test_online_resize_is_seen_by_the_guest(served):
     """The image grows while the guest is connected: the backend rewrites
-    ``sectors`` and then ``state`` (PROTOCOL.md §5), the frontend re-reads the size,
+    ``sectors`` and then ``state`` (docs/protocol.md §1.2), the frontend re-reads the size,
     IO past the old end (and straddling it) works and lands in the file; before the
     resize the same IO was refused."""
     host, daemon, url = served
@@ -187,7 +187,7 @@ def test_unplug_closes_removes_and_forgets(served):
 
 def test_unplug_of_an_inactive_frontend(served):
     """Unplug of a disk whose frontend never connected (still Initialising): the
-    backend goes straight from InitWait to Closed (PROTOCOL.md §5), the directories
+    backend goes straight from InitWait to Closed (docs/protocol.md §5), the directories
     are removed and the device forgotten."""
     host, daemon, url = served
     with logs_on_failure(daemon):
@@ -260,7 +260,7 @@ def _abrupt_end_settles(host: SimHost, daemon: BackendProcess, url: str, victim:
 
 
 def test_backend_directory_removed_with_io_in_flight(served):
-    """The backend directory vanishes while the ring is full of requests (PROTOCOL.md
+    """The backend directory vanishes while the ring is full of requests (docs/protocol.md
     §5: tear down at once): the daemon survives, another guest's disk keeps working
     throughout, every request of the victim resolves (answered or lost, never
     hung), and afterwards nothing of the victim stays mapped in the daemon and every

@@ -75,7 +75,7 @@ def _all_ok(results: List[gevent.event.AsyncResult]) -> None:
 
 # -- barriers ----------------------------------------------------------------------------
 def test_barrier_orders_earlier_and_later_writes(served):
-    """WRITE_BARRIER (PROTOCOL.md §2): every write submitted before it completes
+    """WRITE_BARRIER (docs/protocol.md §2): every write submitted before it completes
     before it, every write after it starts after it. Per round, eight writes of the
     same 24 sectors, then a barrier with data over the first 16, then two writes
     over sectors 8..15 and 16..23, all placed on one ring and published at once
@@ -134,7 +134,7 @@ def test_barrier_without_data_orders_writes(served):
 
 # -- flush reached the file -----------------------------------------------------------
 def test_flush_reaches_the_file():
-    """FLUSH_DISKCACHE is fdatasync of the image (PROTOCOL.md §2, issue 4): with the
+    """FLUSH_DISKCACHE is fdatasync of the image (docs/protocol.md §2, issue 4): with the
     daemon under ``strace -f -y``, each guest flush answered OKAY is backed by an
     fdatasync of the image's fd that began after the pwritev of the write answered
     before the flush, and ended before the pwritev of a write submitted after the
@@ -194,7 +194,7 @@ def test_flush_reaches_the_file():
 
 # -- discard ---------------------------------------------------------------------------------
 def test_discard_reads_back_zeros_and_punches_the_file(served):
-    """DISCARD on a raw file punches a hole (PROTOCOL.md §2, issue 4): the range
+    """DISCARD on a raw file punches a hole (docs/protocol.md §2, issue 4): the range
     reads back as zeros (guest and file), the file's allocated blocks drop by about
     the range, the neighbouring sectors keep their data."""
     host, daemon, _ = served

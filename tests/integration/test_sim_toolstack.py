@@ -1,7 +1,7 @@
 """The simulated toolstack (gblk.sim.toolstack) writes what libxl writes.
 
 The nodes, values and permissions a backend finds are the contract between the
-toolstack and gblk (PROTOCOL.md §1, §6): checked through the simulated xenstored
+toolstack and gblk (docs/protocol.md §1, §6): checked through the simulated xenstored
 subprocess with gblk's own client, and read back with Debian's ``xenstore-ls -p``
 (package xenstore-utils) as an independent reader.
 """

@@ -1,5 +1,5 @@
 """gblk.xen.xenstore.PyxsXenStore (pyxs under gevent) against the simulated
-xenstored running as its own process: the PROTOCOL.md §9 safeguards - timeouts,
+xenstored running as its own process: the docs/protocol.md §9 safeguards - timeouts,
 reconnection with re-armed watches, one connection per transaction with EAGAIN
 retries, empty values, bounded coalescing watch events, errors by name."""
 

@@ -1,6 +1,6 @@
 """Wire layouts of blkif requests and responses (gblk.blkif.abi), both ABIs.
 
-The expected bytes are written out by hand from the table of PROTOCOL.md §3 (never
+The expected bytes are written out by hand from the table of docs/protocol.md §3 (never
 produced by the code under test): a field at the wrong offset in either ABI shows up
 here as a byte diff.
 """

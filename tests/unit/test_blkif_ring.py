@@ -2,7 +2,7 @@
 consumption and the notification rules of io/ring.h.
 
 The frontend side is played by hand (``Shared``): header words and slot offsets are
-computed here from PROTOCOL.md §4, not taken from the code under test.
+computed here from docs/protocol.md §4, not taken from the code under test.
 """
 
 from __future__ import annotations
@@ -358,8 +358,8 @@ def test_req_prod_moving_backwards_never_overfills_the_ring() -> None:
     """A hostile frontend that moves req_prod backwards (behind req_cons, but within
     'slots' of rsp_prod) must not make the backend consume slots that were never
     published nor have more than 'slots' requests outstanding (ring.h's
-    RING_HAS_UNCONSUMED_REQUESTS is bounded by the free room; PROTOCOL.md §4 'never
-    have more than slots requests outstanding'). Either a RingError or no new work is
+    RING_HAS_UNCONSUMED_REQUESTS is bounded by the free room; docs/protocol.md §4: 'gblk
+    never has more than slots requests outstanding'). Either a RingError or no new work is
     acceptable; 4 billion unconsumed requests are not."""
     sh = Shared(X86_64)
     ring = back(sh)

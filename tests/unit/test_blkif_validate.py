@@ -1,6 +1,6 @@
 """Which requests a disk serves (gblk.blkif.validate).
 
-The expected outcomes are written from PROTOCOL.md §2 and §7 as an independent model:
+The expected outcomes are written from docs/protocol.md §2 and §7 as an independent model:
 for each request the set of rules it breaks. No broken rule: it must be served; some
 broken: it must be refused with one of those reasons, and ``status_for`` turns
 ``unsupported_op`` into EOPNOTSUPP and everything else into ERROR.
@@ -39,7 +39,7 @@ LIMITS = {
 
 
 def broken_rules(req: Request, lim: DiskLimits) -> Set[str]:
-    """The model: every rule of PROTOCOL.md §2 the header of ``req`` breaks."""
+    """The model: every rule of docs/protocol.md §2 the header of ``req`` breaks."""
     op, n = req.operation, req.nr_segments
     out: Set[str] = set()
     if op in (Op.READ, Op.WRITE):
@@ -176,7 +176,7 @@ def test_read_only_refuses_discard_and_indirect_write() -> None:
 )
 def test_discard_range(sector: int, nr: int, expected: Optional[str]) -> None:
     """DISCARD: nr_sectors from sector_number, checked for wrap-around and the end of
-    the disk (PROTOCOL.md §2)."""
+    the disk (docs/protocol.md §2)."""
     req = Request(Op.DISCARD, 1, 0, 0, sector, nr_sectors=nr)
     assert outcome(req, LIMITS["rw"]) == expected
 

@@ -48,7 +48,7 @@ def test_single_page_ring() -> None:
 
 
 def test_absent_protocol_is_x86_32() -> None:
-    """No protocol node: x86_32-abi (PROTOCOL.md §1.3)."""
+    """No protocol node: x86_32-abi (docs/protocol.md §1.3)."""
     fp = parse_frontend(reader({"ring-ref": "8", "event-channel": "17"}), OFFER)
     assert fp.abi is X86_32
     assert fp.persistent is False
@@ -82,7 +82,7 @@ def test_order_zero_written_explicitly_uses_ring_ref0() -> None:
 
 
 def test_order_above_offer_rejected() -> None:
-    """A ring order above max-ring-page-order is refused (PROTOCOL.md §1.3)."""
+    """A ring order above max-ring-page-order is refused (docs/protocol.md §1.3)."""
     nodes = {"ring-page-order": "3", "event-channel": "3"}
     nodes.update({f"ring-ref{i}": str(i) for i in range(8)})
     with pytest.raises(NegotiationError, match="ring-page-order"):

@@ -1,5 +1,5 @@
 """The backend's XenBus state machine (gblk.device.state.decide), row by row from the
-table of PROTOCOL.md §5, plus the property the device's loop relies on: applying the
+table of docs/protocol.md §5, plus the property the device's loop relies on: applying the
 answers one after the other always settles (NONE or REMOVE) within a few steps.
 """
 
@@ -87,7 +87,7 @@ ROWS = [
 @pytest.mark.parametrize("backend, frontend, online, attached, expected", ROWS)
 def test_decide_table(backend: Optional[int], frontend: Optional[int], online: bool,
                       attached: bool, expected: Action) -> None:
-    """One row of PROTOCOL.md §5 (the test id names it): decide() returns the step the
+    """One row of docs/protocol.md §5 (the test id names it): decide() returns the step the
     backend must take for the current values."""
     assert decide(backend, frontend, online, attached) is expected
 

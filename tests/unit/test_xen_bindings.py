@@ -100,7 +100,7 @@ def test_libraries_load_and_export_every_declared_function():
 def test_grant_copy_segment_layout_matches_xengnttab_h():
     """xengnttab_grant_copy_segment_t is 24 bytes: source @0, dest @8 (unions of a
     pointer and {ref u32, offset u16, domid u16}), len u16 @16, flags u16 @18,
-    status s16 @20 (PROTOCOL.md section 8)."""
+    status s16 @20 (docs/protocol.md §8)."""
     ffi = xgnttab.ffi
     seg = "xengnttab_grant_copy_segment_t"
     assert ffi.sizeof(seg) == 24
