@@ -22,15 +22,18 @@ The contract with libxl (Xen 4.17, ``tools/libs/light/libxl_dm.c`` and ``libxl_q
 - It waits up to 60 s for ``running`` in ``/local/domain/0/device-model/<domid>/state``
   (with ``-S``: for ``query-status`` to answer ``prelaunch``), then talks QMP: a greeting
   carrying QEMU's version, ``qmp_capabilities``, ``query-chardev`` (it looks for serial
-  ptys). Every message ends with CRLF; replies echo the command's ``id``.
+  ptys). libxl ends every message with CRLF (libxenstat sends bare JSON objects); replies
+  echo the command's ``id``.
 - On ``xl destroy`` (and when the guest powers off) libxl sends SIGHUP, then removes the
   sockets and ``device-model/<domid>``.
 
 What it does: binds the QMP sockets first, then writes the state node (so libxl never
 connects to a socket that is not there yet), answers ``qmp_capabilities``,
-``query-status``, ``query-chardev`` (an empty list), ``query-version``, ``cont``, ``stop``
-and ``quit``, and answers any other command with QMP's ``CommandNotFound`` error (a bad
-line with ``GenericError``), never a crash. It exits 0 on SIGHUP, SIGTERM or SIGINT, on
+``query-status``, ``query-chardev`` (an empty list), ``query-block`` and
+``query-blockstats`` (empty: libxenstat asks on its socket whenever ``xentop`` refreshes),
+``query-version``, ``cont``, ``stop`` and ``quit``, and answers any other command with
+QMP's ``CommandNotFound`` error (input that is not a command with ``GenericError``),
+never a crash. Each command is logged once per socket (then at debug level). It exits 0 on SIGHUP, SIGTERM or SIGINT, on
 ``quit``, and when the guest's ``/local/domain/<domid>`` directory is gone (no device model
 outlives its guest when libxl could not stop it). Log lines go to stderr with a timestamp
 (libxl's log file has none). Bad arguments: one line on stderr, exit 2; no XenStore or a
@@ -55,7 +58,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from gblk import __version__
 from gblk.errors import GblkError, XenError
@@ -75,8 +78,8 @@ DOMID_FIRST_RESERVED = 0x7FF0
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 #: seconds between checks that the guest still exists
 DOMAIN_CHECK_INTERVAL = 2.0
-#: a QMP line longer than this is refused and the client dropped
-MAX_LINE = 64 * 1024
+#: a QMP message longer than this is refused and the client dropped
+MAX_MESSAGE = 64 * 1024
 
 #: QEMU options that take no argument (what libxl passes, and a few common ones);
 #: any other option takes the next word as its argument unless that starts with "-"
@@ -287,6 +290,44 @@ class QmpError(Exception):
         self.desc = desc
 
 
+def take_message(buf: bytes) -> Tuple[Optional[bytes], bytes]:
+    """(the first complete QMP message in ``buf``, the rest), or (None, buf) until one is
+    complete. As QEMU's JSON streamer: a message is one JSON object (or array), with or
+    without a line end after it (libxl ends each with CRLF, libxenstat with nothing);
+    input that cannot start one is a message up to the next line end (answered with a
+    parse error)."""
+    start = 0
+    while start < len(buf) and buf[start] in b" \t\r\n":
+        start += 1
+    if start == len(buf):
+        return None, b""
+    if buf[start] not in b"{[":
+        end = buf.find(b"\n", start)
+        if end < 0:
+            return None, buf[start:]
+        return buf[start:end].rstrip(b"\r"), buf[end + 1:]
+    depth = 0
+    in_string = escaped = False
+    for i in range(start, len(buf)):
+        c = buf[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in b"{[":
+            depth += 1
+        elif c in b"}]":
+            depth -= 1
+            if depth == 0:
+                return buf[start:i + 1], buf[i + 1:]
+    return None, buf[start:]
+
+
 def greeting() -> Dict[str, Any]:
     return {"QMP": {"version": {"qemu": dict(QEMU_VERSION), "package": f"{PROG} {__version__}"},
                     "capabilities": []}}
@@ -316,6 +357,7 @@ class DeviceModel:
         self.sel = selectors.DefaultSelector()
         self.domain_seen = False
         self.watch_domain = True
+        self.seen: Set[Tuple[str, str]] = set()
         self.prefix = f"d{opts.domid}"
 
     # -- setup ---------------------------------------------------------------------
@@ -371,6 +413,8 @@ class DeviceModel:
                     "singlestep": False}
         if name == "query-chardev":
             return []  # no serial ptys: nothing for libxl to record
+        if name in ("query-block", "query-blockstats"):
+            return []  # no QEMU disks (libxenstat, i.e. xentop, asks on qmp-libxenstat)
         if name == "query-version":
             return {"qemu": dict(QEMU_VERSION), "package": f"{PROG} {__version__}"}
         if name == "cont":
@@ -389,12 +433,12 @@ class DeviceModel:
             return {}
         raise QmpError("CommandNotFound", f"The command {name} has not been found")
 
-    def answer(self, client: Client, line: bytes) -> Dict[str, Any]:
-        """The reply to one line of QMP input."""
+    def answer(self, client: Client, msg: bytes) -> Dict[str, Any]:
+        """The reply to one message of QMP input."""
         try:
-            cmd = json.loads(line.decode("utf-8"))
+            cmd = json.loads(msg.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            log.warning("%s: qmp: not JSON: %.200r", self.prefix, line)
+            self._note(logging.WARNING, client, "not JSON", f"{msg[:200]!r}")
             return _error("GenericError", "JSON parse error")
         if not isinstance(cmd, dict):
             return _error("GenericError", "QMP input must be a JSON object")
@@ -405,13 +449,23 @@ class DeviceModel:
         else:
             try:
                 reply = {"return": self.execute(client, name)}
-                log.info("%s: qmp %s: %s", self.prefix, client.monitor, name)
+                self._note(logging.INFO, client, name)
             except QmpError as e:
                 reply = _error(e.cls, e.desc)
-                log.warning("%s: qmp %s: %s: %s", self.prefix, client.monitor, name, e.desc)
+                self._note(logging.WARNING, client, name, e.desc)
         if "id" in cmd:
             reply["id"] = cmd["id"]
         return reply
+
+    def _note(self, level: int, client: Client, what: str, detail: str = "") -> None:
+        """Log a command the first time a monitor sees it, later ones at debug level
+        (xentop asks for block statistics every few seconds)."""
+        key = (client.monitor, what)
+        if key in self.seen:
+            level = logging.DEBUG
+        self.seen.add(key)
+        log.log(level, "%s: qmp %s: %s%s", self.prefix, client.monitor, what,
+                f": {detail}" if detail else "")
 
     def _send(self, client: Client, msg: Dict[str, Any]) -> bool:
         try:
@@ -447,12 +501,14 @@ class DeviceModel:
             self._drop(client)
             return
         client.buf += data
-        while b"\n" in client.buf and self.stop_reason is None:
-            line, client.buf = client.buf.split(b"\n", 1)
-            if line.strip() and not self._send(client, self.answer(client, line.strip())):
+        while self.stop_reason is None:
+            msg, client.buf = take_message(client.buf)
+            if msg is None:
+                break
+            if not self._send(client, self.answer(client, msg)):
                 return
-        if len(client.buf) > MAX_LINE:
-            self._send(client, _error("GenericError", f"QMP line longer than {MAX_LINE} bytes"))
+        if len(client.buf) > MAX_MESSAGE:
+            self._send(client, _error("GenericError", f"QMP input longer than {MAX_MESSAGE} bytes"))
             self._drop(client)
 
     # -- the loop ------------------------------------------------------------------

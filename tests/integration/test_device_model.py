@@ -167,8 +167,10 @@ def test_serves_libxl_like_qemu(start_dm: Any, store: PyxsXenStore, tmp_path: Pa
     assert qmp.send_raw(b"this is not json\r\n")["error"]["class"] == "GenericError"
     assert qmp.execute("query-status")["return"]["status"] == "running"  # still serving
 
-    stat = QmpClient(str(tmp_path / f"qmp-libxenstat-{DOMID}"))  # the second monitor
-    assert stat.execute("qmp_capabilities")["return"] == {}
+    # the second monitor, as libxenstat (xentop) uses it: bare objects, no line end
+    stat = QmpClient(str(tmp_path / f"qmp-libxenstat-{DOMID}"))
+    assert stat.send_raw(b'{ "execute": "qmp_capabilities" }') == {"return": {}}
+    assert stat.send_raw(b'{ "execute": "query-blockstats" }') == {"return": []}
     stat.close()
 
     assert dm.proc.poll() is None

@@ -1,7 +1,8 @@
-"""gblk-device-model's command line: what libxl 4.17 passes to a PV guest's device model
-(``libxl__build_device_model_args_new``) is understood, options it has no use for are
-ignored, and a command line it cannot serve is refused with a reason (not a hang in
-front of libxl's 60 s wait)."""
+"""gblk-device-model's pure parts. Its command line: what libxl 4.17 passes to a PV
+guest's device model (``libxl__build_device_model_args_new``) is understood, options it
+has no use for are ignored, and a command line it cannot serve is refused with a reason
+(not a hang in front of libxl's 60 s wait). Its QMP framing: messages as libxl and
+libxenstat send them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import List
 
 import pytest
 
-from gblk.devicemodel import Monitor, UsageError, parse_args, parse_opts, split_opts
+from gblk.devicemodel import Monitor, UsageError, parse_args, parse_opts, split_opts, take_message
 
 #: libxl 4.17's argv for a PV guest "web" as domain 7 (qemu-xen, no dm_restrict)
 LIBXL_PV = [
@@ -106,3 +107,24 @@ def test_command_lines_that_cannot_be_served(argv: List[str], fragment: str) -> 
     with pytest.raises(UsageError) as info:
         parse_args(argv)
     assert fragment in str(info.value)
+
+
+def test_qmp_messages_with_and_without_line_ends() -> None:
+    """libxl ends each command with CRLF; libxenstat (xentop) writes a bare object and
+    waits 10 ms for the answer, so a complete object is a message without a line end;
+    braces and quotes inside strings do not end it early."""
+    assert take_message(b'{"execute":"qmp_capabilities","id":1}\r\n{"exe') == (
+        b'{"execute":"qmp_capabilities","id":1}', b'\r\n{"exe')
+    assert take_message(b'  { "execute": "query-blockstats" }') == (
+        b'{ "execute": "query-blockstats" }', b"")
+    tricky = b'{"execute":"x","arguments":{"s":"}\\"{"}}'
+    assert take_message(tricky + b"rest") == (tricky, b"rest")
+    assert take_message(b'{"execute": "qu') == (None, b'{"execute": "qu')
+    assert take_message(b"\r\n  ") == (None, b"")
+
+
+def test_qmp_input_that_is_not_an_object() -> None:
+    """Input that cannot start a JSON object is one message up to the line end (answered
+    with a parse error), and waits for that line end."""
+    assert take_message(b"garbage here\r\n{}") == (b"garbage here", b"{}")
+    assert take_message(b"garbage") == (None, b"garbage")
