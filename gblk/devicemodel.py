@@ -33,10 +33,10 @@ connects to a socket that is not there yet), answers ``qmp_capabilities``,
 ``query-blockstats`` (empty: libxenstat asks on its socket whenever ``xentop`` refreshes),
 ``query-version``, ``cont``, ``stop`` and ``quit``, and answers any other command with
 QMP's ``CommandNotFound`` error (input that is not a command with ``GenericError``),
-never a crash. Each command is logged once per socket (then at debug level). It exits 0 on SIGHUP, SIGTERM or SIGINT, on
-``quit``, and when the guest's ``/local/domain/<domid>`` directory is gone (no device model
-outlives its guest when libxl could not stop it). Log lines go to stderr with a timestamp
-(libxl's log file has none). Bad arguments: one line on stderr, exit 2; no XenStore or a
+never a crash. It exits 0 on SIGHUP, SIGTERM or SIGINT, on ``quit``, and when the guest's
+``/local/domain/<domid>`` directory is gone (no device model outlives its guest when libxl
+could not stop it). Log lines go to stderr with a timestamp (libxl's log file has none);
+each QMP command is logged once per socket, later ones at debug level. Bad arguments: one line on stderr, exit 2; no XenStore or a
 socket it cannot bind: exit 1.
 
 What it must not do: touch any disk, backend directory or image (gblk's job), or take an
@@ -334,7 +334,7 @@ def greeting() -> Dict[str, Any]:
 
 
 class Client:
-    """One QMP connection: its bytes not yet a full line, and whether it negotiated."""
+    """One QMP connection: its bytes not yet a whole message, and whether it negotiated."""
 
     def __init__(self, sock: socket.socket, monitor: str) -> None:
         self.sock = sock
