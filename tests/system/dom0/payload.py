@@ -717,14 +717,13 @@ def qemu_binaries():
     return sorted(found)
 
 
-def hide_qemu():
-    """Rename every QEMU binary away (restore_qemu puts them back): dom0 as if QEMU were
-    not installed. The image is booted with -snapshot, so a crash here changes nothing."""
-    hidden = []
+def hide_qemu(hidden):
+    """Rename every QEMU binary away, each added to ``hidden`` as it goes (restore_qemu
+    puts them back): dom0 as if QEMU were not installed. The image is booted with
+    -snapshot, so a payload killed meanwhile changes nothing for the next boot."""
     for path in qemu_binaries():
         os.rename(path, path + HIDDEN)
         hidden.append(path)
-    return hidden
 
 
 def restore_qemu(hidden):
@@ -784,7 +783,7 @@ def sc_readme_qdisk(res, gblk):
     pid = None
     finished = False
     try:
-        hidden = hide_qemu()
+        hide_qemu(hidden)
         res.data["qemu_hidden"] = hidden
         left = qemu_binaries()
         res.check("qemu-absent", not left, "hidden %s, left %s" % (hidden, left))
