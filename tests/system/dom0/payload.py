@@ -37,6 +37,8 @@ HOTPLUG = "/usr/local/bin/gblk-xl-hotplug"
 #: gblk's device model for qdisk guests, where README's install section puts it (dom0's
 #: init installs the console scripts the runner wrote from setup.cfg)
 DEVICE_MODEL = "/usr/local/bin/gblk-device-model"
+#: where libxl keeps each device model's output (qemu-dm-<guest name>.log)
+XEN_LOG_DIR = "/var/log/xen"
 CONF = json.load(open(os.path.join(SHARE, "config.json")))
 T0 = time.monotonic()
 MiB = 1 << 20
@@ -789,7 +791,7 @@ def sc_readme_qdisk(res, gblk):
         res.check("qemu-absent", not left, "hidden %s, left %s" % (hidden, left))
         own.start()
         g = Guest("readme", "readme", [], config_lines=lines).create(res)
-        dm_log = "/var/log/xen/qemu-dm-%s.log" % g.name
+        dm_log = os.path.join(XEN_LOG_DIR, "qemu-dm-%s.log" % g.name)
         g.wait("READY", "served")
         res.mark("served")
         samples = own.metrics()
