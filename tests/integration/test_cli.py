@@ -240,7 +240,8 @@ def test_main_returns_exit_codes_in_process() -> None:
 
 
 def test_console_scripts_are_installed() -> None:
-    """`pip install .` provides the gblk and gblk-xl-hotplug commands."""
+    """`pip install .` provides the gblk, gblk-xl-hotplug and gblk-device-model commands
+    (README's install section links all three into /usr/local/bin)."""
     from importlib import metadata
 
     try:
@@ -248,7 +249,8 @@ def test_console_scripts_are_installed() -> None:
     except metadata.PackageNotFoundError:
         pytest.skip("gblk is not installed in this environment (run: pip install .)")
     scripts = {ep.name: ep.value for ep in dist.entry_points if ep.group == "console_scripts"}
-    assert scripts == {"gblk": "gblk.cli:main", "gblk-xl-hotplug": "gblk.hotplug:main"}
+    assert scripts == {"gblk": "gblk.cli:main", "gblk-xl-hotplug": "gblk.hotplug:main",
+                       "gblk-device-model": "gblk.devicemodel:main"}
     bindir = Path(sys.executable).parent
     if (bindir / "gblk").exists():
         assert shutil.which("gblk", path=str(bindir))

@@ -80,6 +80,8 @@ class XenRun:
         if result is not None:
             for console in result.get("consoles", []):
                 item.add_report_section("call", f"guest console {console}", _tail(self.results / console))
+            for extra in result.get("logs", []):  # the scenario's own (a device model's, ...)
+                item.add_report_section("call", f"{extra} (tail)", _tail(self.results / extra))
         item.add_report_section("call", "gblk.log (tail)", _tail(logs / "gblk.log"))
         if (logs / "gblk-stacks.txt").exists():
             item.add_report_section("call", "gblk stacks at failed scenarios (tail)",

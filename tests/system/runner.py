@@ -4,9 +4,14 @@ One boot runs every scenario asked for (boots are expensive). The runner prepare
 directory whose ``share/`` QEMU exports to dom0 over virtio-9p:
 
 - ``share/dom0/``: dom0's per-boot init, the payload (orchestrator), gblk's hotplug
-  wrapper, the device-model stand-in and the bindings probe (``tests/system/dom0``);
+  wrapper (it logs each call) and the bindings probe (``tests/system/dom0``);
 - ``share/src/gblk``: a copy of the working tree's package (gblk runs from it in dom0;
   ``GBLK_SYSTEM_SRC=DIR`` takes ``DIR/gblk`` instead);
+- ``share/bin/``: gblk's console scripts as ``pip install`` would write them, one per
+  ``console_scripts`` entry of ``setup.cfg`` (``gblk``, ``gblk-xl-hotplug``,
+  ``gblk-device-model``), importing gblk from ``share/src``; dom0's init installs them
+  into ``/usr/local/bin``, where README's install section puts them (dom0 has no pip);
+- ``share/README.md``: the README, whose ``xl`` disk lines a scenario uses as written;
 - ``share/guest/``: the guest initramfs images (cached base archives + the per-boot init);
 - ``share/config.json``: scenarios, gblk's command line and every time limit;
 - ``share/results/``: written by dom0 (one JSON per scenario, logs, guest consoles);
@@ -22,6 +27,7 @@ Usage: ``python3 tests/system/runner.py [--scenarios a,b] [--no-bench] [--kvm] [
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import re
@@ -41,15 +47,17 @@ except ImportError:  # pragma: no cover - script mode
 #: which stops gblk and loads the kernel's blkback at its end)
 ALL_SCENARIOS = (
     "probe", "fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard",
-    "two_guests", "bench",
+    "two_guests", "readme_qdisk", "bench",
 )
 #: a hard time limit per scenario inside dom0 (seconds). Under TCG on a 2-vCPU host
 #: (2026-12-01) typical runs took 55-80 % of it (probe 12, fio_verify 297, mkfs_fsck 160,
 #: reboot 190, attach_detach 214, read_only 124, discard 194, two_guests 238, bench 414):
-#: every phy disk costs 10-30 s of gblk's Python hotplug script per add and per remove
+#: every phy disk costs 10-30 s of gblk's Python hotplug script per add and per remove.
+#: readme_qdisk (not measured yet) restarts gblk twice and boots one small guest
 BUDGETS: Dict[str, int] = {
     "probe": 90, "pipeline": 240, "fio_verify": 420, "mkfs_fsck": 240, "reboot": 300,
-    "attach_detach": 360, "read_only": 180, "discard": 300, "two_guests": 420, "bench": 720,
+    "attach_detach": 360, "read_only": 180, "discard": 300, "two_guests": 420,
+    "readme_qdisk": 300, "bench": 720,
 }
 #: a hard limit for all scenarios of one boot together (CI's whole run has 90 minutes)
 PAYLOAD_CAP = 2400
@@ -63,6 +71,42 @@ def gblk_argv(scenarios: List[str]) -> List[str]:
         "python3", "-m", "gblk", "serve", "--xen", "real", "--kinds", "vbd,qdisk",
         "--metrics-address", METRICS_ADDRESS, "--log-level", "debug",
     ]
+
+
+#: what dom0 runs for each console script: the wrapper pip would generate, with gblk
+#: imported from the share (nothing sets PYTHONPATH for the programs libxl starts)
+DOM0_SCRIPT = '''#!/usr/bin/python3
+# {name}: gblk's console script "{name} = {target}" (setup.cfg), as pip would install it,
+# importing gblk from the copy of the tree in the share (dom0 has no pip)
+import sys
+sys.path.insert(0, "/mnt/share/src")
+from {module} import {function}
+sys.exit({function}())
+'''
+
+
+def console_scripts(setup_cfg: Path) -> Dict[str, str]:
+    """{name: "module:function"} of setup.cfg's ``console_scripts``."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(setup_cfg)
+    out: Dict[str, str] = {}
+    for line in cfg.get("options.entry_points", "console_scripts", fallback="").splitlines():
+        name, sep, target = line.partition("=")
+        if sep and name.strip():
+            out[name.strip()] = target.strip()
+    if "gblk-device-model" not in out:
+        raise lab.StepError(f"{setup_cfg}: no gblk-device-model in console_scripts")
+    return out
+
+
+def write_console_scripts(setup_cfg: Path, dest: Path) -> List[str]:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, target in console_scripts(setup_cfg).items():
+        module, _, function = target.partition(":")
+        path = dest / name
+        path.write_text(DOM0_SCRIPT.format(name=name, target=target, module=module, function=function))
+        path.chmod(0o755)
+    return sorted(p.name for p in dest.iterdir())
 
 
 def _compress(data: bytes) -> bytes:
@@ -104,8 +148,11 @@ def prepare(run_dir: Path, images: Path, scenarios: List[str], bench_runtime: in
     (share / "results" / "logs").mkdir(parents=True)
     (share / "results" / "consoles").mkdir(parents=True)
     shutil.copytree(lab.HERE / "dom0", share / "dom0")
-    src = Path(os.environ.get("GBLK_SYSTEM_SRC", str(lab.REPO))) / "gblk"
-    shutil.copytree(src, share / "src" / "gblk", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    tree = Path(os.environ.get("GBLK_SYSTEM_SRC", str(lab.REPO)))
+    shutil.copytree(tree / "gblk", share / "src" / "gblk", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("setup.cfg", "README.md"):  # from the same tree, else this checkout's
+        shutil.copy(tree / name if (tree / name).exists() else lab.REPO / name, share / name)
+    write_console_scripts(share / "setup.cfg", share / "bin")
     sizes = guest_initrds(images, share / "guest")
     budgets = {s: BUDGETS[s.partition("@")[0]] for s in scenarios}
     payload_timeout = min(sum(budgets.values()) + 120, PAYLOAD_CAP)

@@ -105,3 +105,18 @@ def test_two_guests_one_destroyed_mid_io(scenario: Scenario) -> None:
     result = scenario()
     ok = {c["name"] for c in result["checks"] if c["ok"]}
     assert {"b-domain-released", "a-io-loop", "no-grant-mappings-left"} <= ok
+
+
+@pytest.mark.scenario("readme_qdisk")
+def test_readme_qdisk_line_on_the_default_configuration(scenario: Scenario) -> None:
+    """The default configuration serves a guest (issue 15): README's backendtype=qdisk
+    disk line and device_model_override, taken from README.md as written, with `gblk
+    serve` and no configuration file (kinds = ["qdisk"]) and no QEMU binary in dom0.
+    libxl starts the shipped gblk-device-model and speaks QMP to it, gblk serves the disk
+    (connected, the guest's writes counted and in the image file), and the device model
+    exits cleanly once the guest is gone."""
+    result = scenario()
+    ok = {c["name"] for c in result["checks"] if c["ok"]}
+    assert {"qemu-absent", "device-model-is-gblk", "gblk-serves-the-disk", "image-holds-the-guest-data",
+            "libxl-spoke-qmp", "device-model-exited", "device-model-stopped-cleanly"} <= ok
+    assert any("backendtype=qdisk" in line for line in result["data"]["config_lines"])

@@ -30,9 +30,11 @@ if grep -q '"blkback": true' "$S/config.json"; then
     modprobe xen-blkback
 fi
 
-# helpers the payload hands to xl: gblk's hotplug script and the device-model stand-in
+# gblk's commands where README's install section puts them (the runner wrote them from
+# setup.cfg's console scripts): gblk, gblk-device-model (the device model of the qdisk
+# guests) and gblk-xl-hotplug, replaced by the wrapper that logs each call for the report
+install -m 755 "$S"/bin/* /usr/local/bin/
 install -m 755 "$S/dom0/gblk-xl-hotplug" /usr/local/bin/gblk-xl-hotplug
-install -m 755 "$S/dom0/dm-standin.py" /usr/local/bin/gblk-dm-standin
 
 cat >> /etc/default/xen <<EOT
 XENCONSOLED_ARGS="--log=guest --log-dir=$R/consoles --timestamp=guest"

@@ -5,7 +5,8 @@ Run by dom0's per-boot init as ``payload.py SHARE``. Reads ``SHARE/config.json``
 by the host's runner: which phases and scenarios, gblk's command line, time limits),
 starts ``gblk serve`` from the working tree copied into ``SHARE/src`` with its metrics,
 creates PV guests with ``xl`` whose disks gblk serves (``backendtype=phy`` with gblk's
-hotplug script, ``backendtype=qdisk`` with the device model replaced by a stand-in),
+hotplug script, ``backendtype=qdisk`` with gblk's own device model, ``gblk-device-model``,
+in QEMU's place),
 follows each guest through its console log (xenconsoled writes it into the share), makes
 dom0-side checks (image files, XenStore, metrics, leftover domains and mappings) and
 writes ``SHARE/results/<scenario>.json``. The pytest side asserts on those files.
@@ -33,7 +34,11 @@ LOGS = os.path.join(RESULTS, "logs")
 CONSOLES = os.path.join(RESULTS, "consoles")
 LAB = "/var/lib/gblk-lab"
 HOTPLUG = "/usr/local/bin/gblk-xl-hotplug"
-STANDIN = "/usr/local/bin/gblk-dm-standin"
+#: gblk's device model for qdisk guests, where README's install section puts it (dom0's
+#: init installs the console scripts the runner wrote from setup.cfg)
+DEVICE_MODEL = "/usr/local/bin/gblk-device-model"
+#: where libxl keeps each device model's output (qemu-dm-<guest name>.log)
+XEN_LOG_DIR = "/var/log/xen"
 CONF = json.load(open(os.path.join(SHARE, "config.json")))
 T0 = time.monotonic()
 MiB = 1 << 20
@@ -85,6 +90,7 @@ class Result:
         self.data = {}
         self.error = None
         self.consoles = []
+        self.logs = []  # extra logs (relative to results/) for the test report
 
     def check(self, name, ok, detail=""):
         self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)})
@@ -101,7 +107,7 @@ class Result:
             "name": self.name, "status": "pass" if ok else "fail",
             "seconds": round(time.monotonic() - self.t0, 1), "timings": self.timings,
             "checks": self.checks, "steps": self.steps, "data": self.data, "error": self.error,
-            "consoles": self.consoles,
+            "consoles": self.consoles, "logs": self.logs,
         }
         path = os.path.join(RESULTS, self.name + ".json")
         with open(path + ".tmp", "w") as f:
@@ -213,7 +219,7 @@ def disk_spec(vdev, target, kind="phy", access="rw"):
     if kind == "phy":  # gblk through kind vbd: its hotplug script, blkback not loaded
         return "format=raw,vdev=%s,access=%s,backendtype=phy,script=%s,target=%s" % (
             vdev, access, HOTPLUG, target)
-    if kind == "qdisk":  # gblk through kind qdisk: QEMU replaced by the stand-in
+    if kind == "qdisk":  # gblk through kind qdisk: QEMU replaced by gblk-device-model
         return "format=raw,vdev=%s,access=%s,backendtype=qdisk,target=%s" % (vdev, access, target)
     if kind == "blkback":  # the kernel's xen-blkback (default block script)
         return "format=raw,vdev=%s,access=%s,backendtype=phy,target=%s" % (vdev, access, target)
@@ -244,8 +250,10 @@ def allocated(path):
 
 
 class Guest:
-    def __init__(self, name, scenario, disks, fio=False, memory=None, extra="", dm="standin",
-                 reboot="destroy"):
+    def __init__(self, name, scenario, disks, fio=False, memory=None, extra="", dm="gblk",
+                 reboot="destroy", config_lines=None):
+        """``config_lines``: the disk and device-model lines exactly as given (README's),
+        instead of ``disks`` and ``dm``."""
         self.name = name
         self.console = Console(name)
         ramdisk = os.path.join(LAB, "guest-fio.cpio" if fio else "guest-small.cpio")
@@ -260,11 +268,14 @@ class Guest:
             'on_poweroff = "destroy"',
             'on_reboot = "%s"' % reboot,
             'on_crash = "destroy"',
-            "disk = [ %s ]" % ", ".join("'%s'" % d for d in disks),
         ]
-        if dm == "standin" and any("backendtype=qdisk" in d for d in disks):
+        if config_lines is not None:
+            cfg.extend(config_lines)
+        else:
+            cfg.append("disk = [ %s ]" % ", ".join("'%s'" % d for d in disks))
+        if config_lines is None and dm == "gblk" and any("backendtype=qdisk" in d for d in disks):
             cfg.append('device_model_version = "qemu-xen"')
-            cfg.append('device_model_override = "%s"' % STANDIN)
+            cfg.append('device_model_override = "%s"' % DEVICE_MODEL)
         self.cfg_path = os.path.join(LAB, name + ".cfg")
         with open(self.cfg_path, "w") as f:
             f.write("\n".join(cfg) + "\n")
@@ -324,25 +335,32 @@ def domain_ids():
 
 
 class Gblk:
-    def __init__(self):
+    def __init__(self, argv=None, log_name="gblk.log"):
+        """``gblk serve`` with the suite's command line (``argv`` None) or another one;
+        its output goes to ``logs/LOG_NAME``. ``addr`` is where its metrics answer."""
         self.proc = None
+        self.argv = list(argv if argv is not None else CONF["gblk"]["argv"])
+        self.log_name = log_name
         self.addr = CONF["gblk"]["metrics_address"]
         self.logf = None
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=os.path.join(SHARE, "src"), PYTHONUNBUFFERED="1",
                    GBLK_STACKS=os.path.join(LOGS, "gblk-stacks.txt"))
-        argv = list(CONF["gblk"]["argv"])
+        argv = list(self.argv)
         if argv[:3] == ["python3", "-m", "gblk"]:  # the same, with stack dumps on SIGUSR1/2
             argv[:3] = ["python3", os.path.join(SHARE, "dom0", "gblk-serve.py")]
         log("gblk: starting: " + " ".join(argv))
-        self.logf = open(os.path.join(LOGS, "gblk.log"), "ab")
+        if self.logf is not None:
+            self.logf.close()
+        self.logf = open(os.path.join(LOGS, self.log_name), "ab")
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
                                      stderr=subprocess.STDOUT, env=env, cwd="/")
         deadline = time.monotonic() + CONF["timeouts"]["gblk_start"]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise Failure("gblk serve exited with %s at start (see logs/gblk.log)" % self.proc.returncode)
+                raise Failure("gblk serve exited with %s at start (see logs/%s)"
+                              % (self.proc.returncode, self.log_name))
             try:
                 self.scrape()
                 log("gblk: up (pid %d), metrics on %s" % (self.proc.pid, self.addr))
@@ -674,6 +692,163 @@ def sc_two_guests(res, gblk):
     res.data["passes"] = {"a": ga.console.count("PASS"), "b": gb.console.count("PASS")}
 
 
+def readme_qdisk_lines():
+    """README's ``backendtype=qdisk`` example, verbatim: the lines of the code block that
+    holds a qdisk disk line and a ``device_model_override``."""
+    with open(os.path.join(SHARE, "README.md")) as f:
+        text = f.read()
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+        lines = [line for line in block.splitlines() if line.strip()]
+        if (any("backendtype=qdisk" in line for line in lines)
+                and any(line.startswith("device_model_override") for line in lines)):
+            return lines
+    raise Failure("README.md has no code block with a backendtype=qdisk disk line and "
+                  "device_model_override")
+
+
+#: where a QEMU for Xen may live in a Debian dom0 (libxl's qemu-xen path and Debian's)
+QEMU_GLOBS = ("/usr/bin/qemu-system-*", "/usr/lib/xen-*/bin/qemu-system-*",
+              "/usr/libexec/xen/bin/qemu-system-*", "/usr/lib/xen/bin/qemu-system-*")
+HIDDEN = ".gblk-hidden"
+
+
+def qemu_binaries():
+    found = set()
+    for pattern in QEMU_GLOBS:
+        found.update(p for p in glob.glob(pattern) if not p.endswith(HIDDEN))
+    return sorted(found)
+
+
+def hide_qemu(hidden):
+    """Rename every QEMU binary away, each added to ``hidden`` as it goes (restore_qemu
+    puts them back): dom0 as if QEMU were not installed. The image is booted with
+    -snapshot, so a payload killed meanwhile changes nothing for the next boot."""
+    for path in qemu_binaries():
+        os.rename(path, path + HIDDEN)
+        hidden.append(path)
+
+
+def restore_qemu(hidden):
+    for path in hidden:
+        if os.path.lexists(path + HIDDEN):
+            os.rename(path + HIDDEN, path)
+
+
+def xs_read(path):
+    p = subprocess.run(["xenstore-read", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       timeout=30)
+    return p.stdout.decode().strip() if p.returncode == 0 else None
+
+
+def process_gone(pid):
+    """The process has exited (gone, or a zombie nobody reaped yet)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def region_sha(path, offset, size):
+    import hashlib
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return hashlib.sha256(f.read(size)).hexdigest()
+
+
+def sc_readme_qdisk(res, gblk):
+    """README's backendtype=qdisk lines exactly as written (device_model_override naming
+    the shipped gblk-device-model), served by `gblk serve` at its default configuration
+    (kinds = ["qdisk"], no configuration file, no flags), with no QEMU binary in dom0:
+    the guest's writes land in the image, gblk serves the disk, libxl spoke QMP to
+    gblk-device-model, which exited when the guest went away."""
+    lines = readme_qdisk_lines()
+    res.data["config_lines"] = lines
+    disk = next(line for line in lines if "backendtype=qdisk" in line)
+    target = re.search(r"target=([^,'\"\]]+)", disk).group(1)
+    dm = re.search(r'device_model_override\s*=\s*"([^"]+)"', "\n".join(lines)).group(1)
+    res.check("override-installed", os.access(dm, os.X_OK), dm)
+    res.check("no-config-file", not os.path.exists("/etc/gblk/gblk.toml"),
+              "gblk serve runs on its defaults")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.exists(target):
+        os.unlink(target)
+    with open(target, "wb") as f:
+        f.truncate(64 * MiB)
+    suite_gblk = gblk.alive()
+    if suite_gblk:
+        gblk.stop()  # one backend per kind: the suite's gblk serves qdisk too
+    # the default configuration's metrics address is the suite's (127.0.0.1:9741)
+    own = Gblk(["python3", "-m", "gblk", "serve"], log_name="gblk-default.log")
+    res.logs.append("logs/gblk-default.log")
+    hidden = []
+    pid = None
+    finished = False
+    try:
+        hide_qemu(hidden)
+        res.data["qemu_hidden"] = hidden
+        left = qemu_binaries()
+        res.check("qemu-absent", not left, "hidden %s, left %s" % (hidden, left))
+        own.start()
+        g = Guest("readme", "readme", [], config_lines=lines).create(res)
+        dm_log = os.path.join(XEN_LOG_DIR, "qemu-dm-%s.log" % g.name)
+        g.wait("READY", "served")
+        res.mark("served")
+        samples = own.metrics()
+        connected = metric_sum(samples, "gblk_device_connected", domain=g.domid, device=VDEV["xvda"],
+                               kind="qdisk")
+        res.check("gblk-serves-the-disk", connected == 1, "gblk_device_connected{kind=qdisk} = %s" % connected)
+        written = metric_sum(samples, "gblk_bytes_total", domain=g.domid, device=VDEV["xvda"], op="write")
+        res.check("gblk-counted-the-writes", written >= 8 * MiB, "%d bytes" % written)
+        pid_text = xs_read("/local/domain/%d/image/device-model-pid" % g.domid) or ""
+        pid = int(pid_text) if pid_text.isdigit() else None
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except (OSError, TypeError):
+            cmdline = ""
+        res.check("device-model-is-gblk", DEVICE_MODEL in cmdline and "-xen-domid %d" % g.domid in cmdline,
+                  "pid %s: %s" % (pid, cmdline[:300]))
+        state = xs_read("/local/domain/0/device-model/%d/state" % g.domid)
+        res.check("device-model-state-running", state == "running", state)
+        sums = [s["detail"] for s in g.console.steps() if s["name"] == "readback" and s["ok"]]
+        on_disk = region_sha(target, 1 * MiB, 8 * MiB)
+        res.check("image-holds-the-guest-data", sums == [on_disk], "guest %s, image %s" % (sums, on_disk))
+        ack(target, "served")
+        g.wait("DONE")
+        collect(res, g)
+        g.finish(res)
+        deadline = time.monotonic() + 30
+        while pid is not None and not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        res.check("device-model-exited", pid is not None and process_gone(pid), "pid %s" % pid)
+        try:
+            with open(dm_log) as f:
+                text = f.read()
+        except OSError as e:
+            text = "(%s)" % e
+        with open(os.path.join(LOGS, os.path.basename(dm_log)), "w") as f:
+            f.write(text)
+        res.logs.append("logs/" + os.path.basename(dm_log))
+        res.check("libxl-spoke-qmp", "qmp libxl-cmd: qmp_capabilities" in text
+                  and "qmp libxl-cmd: query-chardev" in text, dm_log)
+        stops = [line for line in text.splitlines() if "stopping on" in line]
+        res.check("device-model-stopped-cleanly", bool(stops) and "Traceback" not in text,
+                  stops[-1] if stops else text[-300:])
+        finished = True
+    finally:
+        restore_qemu(hidden)
+        if own.alive() and not (finished and all(c["ok"] for c in res.checks)):
+            try:
+                own.dump("readme_qdisk")
+            except Exception as e:  # noqa: BLE001 - diagnostics only
+                log("gblk: dump failed: %s" % e)
+        own.stop()
+        if suite_gblk:
+            gblk.start()
+            res.check("suite-gblk-restarted", gblk.alive())
+
+
 def sc_pipeline(res, gblk):
     """Pipeline proof without gblk: kernel blkback on a loop device, fio verify in a guest."""
     res.check("gntdev", os.path.exists("/dev/xen/gntdev"))
@@ -735,7 +910,7 @@ def sc_bench(res, gblk):
     sh(["dd", "if=/dev/urandom", "of=" + img, "bs=1M", "count=256", "status=none"], timeout=300)
     res.mark("image")
     if gblk.alive():
-        bench_one(res, "gblk", disk_spec("xvda", img, "phy"), "standin")
+        bench_one(res, "gblk", disk_spec("xvda", img, "phy"), "gblk")
         res.mark("gblk")
         gblk.stop()
     try:
@@ -763,6 +938,7 @@ SCENARIOS = {
     "read_only": sc_read_only,
     "discard": sc_discard,
     "two_guests": sc_two_guests,
+    "readme_qdisk": sc_readme_qdisk,
     "bench": sc_bench,
 }
 NEEDS_GBLK = {"fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard", "two_guests"}
@@ -808,6 +984,7 @@ def main():
         left = CONF["payload_timeout"] - 60 - (time.monotonic() - T0)
         budget = int(max(10, min(CONF["budgets"].get(name, 300), left)))
         cpu0 = gblk.cpu_seconds() if gblk.alive() else None
+        pid0 = gblk.proc.pid if gblk.alive() else None
         signal.alarm(budget)
         try:
             if name in NEEDS_GBLK and gblk_error:
@@ -830,7 +1007,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - diagnostics only
                 log("gblk: dump failed: %s" % e)
         cpu1 = gblk.cpu_seconds() if gblk.alive() else None
-        if cpu0 is not None and cpu1 is not None:
+        if cpu0 is not None and cpu1 is not None and gblk.proc.pid == pid0:  # not restarted
             res.data["gblk_cpu_seconds"] = round(cpu1 - cpu0, 2)
         try:
             cleanup_domains()
