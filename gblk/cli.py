@@ -8,6 +8,8 @@ Subcommands:
   ``gblk sim xenstored --socket PATH`` (``gblk.sim.<component>.main(argv)``);
 - ``gblk bench ...``: the benchmarks (``gblk.bench.main(argv)``);
 - ``gblk config``: check the configuration and print it as gblk would use it;
+- ``gblk hash-password``: a password hash for the metrics web configuration's
+  ``[basic_auth_users]`` (the password from stdin or a prompt, never argv);
 - ``gblk list``, ``gblk stats [DISK]``, ``gblk status``: ask the running daemon over
   its control socket (``gblk.control.client``; plain sockets, no gevent).
 
@@ -71,6 +73,10 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         help="where to serve /metrics and /healthz (metrics.address)",
     )
     group.add_argument(
+        "--web-config-file", metavar="PATH", default=None,
+        help="TLS and basic auth for /metrics: a web configuration file (metrics.web_config)",
+    )
+    group.add_argument(
         "--no-metrics", action="store_true", default=False,
         help="do not serve metrics (metrics.enabled = false)",
     )
@@ -93,6 +99,7 @@ def _overrides(args: argparse.Namespace) -> Dict[str, object]:
         "daemon.kinds": kinds,
         "metrics.address": args.metrics_address,
         "metrics.enabled": False if args.no_metrics else None,
+        "metrics.web_config": args.web_config_file,
         "control.socket": args.control_socket,
         "daemon.log_level": args.log_level,
     }
@@ -187,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(config)
     config.add_argument("--quiet", "-q", action="store_true", help="print nothing, only check")
     config.set_defaults(func=_cmd_config)
+
+    hashpw = sub.add_parser(
+        "hash-password", parents=[common],
+        help="print a password hash for the metrics web configuration's [basic_auth_users]",
+        description="Read a password (a prompt, asked twice, on a terminal; else the first line "
+        "of stdin) and print its PBKDF2-SHA256 hash, for [basic_auth_users] of the file named "
+        "by metrics.web_config. The password is never taken from the command line.")
+    hashpw.add_argument("--user", metavar="NAME", default=None,
+                        help="print a whole TOML line, NAME = \"HASH\"")
+    hashpw.add_argument("--iterations", metavar="N", type=int, default=None,
+                        help="PBKDF2 iterations (default 600000; each new scraper login costs this)")
+    hashpw.set_defaults(func=_cmd_hash_password)
     return parser
 
 
@@ -198,10 +217,42 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from gblk.config import load_config
 
     config = load_config(args.config, _overrides(args))
+    if config.metrics.enabled and config.metrics.web_config:  # as the daemon will (and SIGHUP)
+        from gblk.metrics.webconfig import load_web_config
+
+        load_web_config(config.metrics.web_config)
     if not args.quiet:
         source = config.path or "(no file: defaults)"
         sys.stdout.write(f"# gblk {gblk.__version__} configuration from {source}\n")
         sys.stdout.write(config.to_toml())
+    return 0
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+    import re
+
+    from gblk.metrics import passwords
+
+    iterations = passwords.DEFAULT_ITERATIONS if args.iterations is None else args.iterations
+    if not passwords.MIN_ITERATIONS <= iterations <= passwords.MAX_ITERATIONS:
+        raise _Usage(f"--iterations must be from {passwords.MIN_ITERATIONS} to {passwords.MAX_ITERATIONS}")
+    if args.user is not None and (not args.user or ":" in args.user):
+        raise _Usage("--user: a basic auth user name is not empty and has no colon")
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise GblkError("the passwords differ; nothing printed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise _Usage("empty password")
+    hashed = passwords.hash_password(password, iterations)
+    if args.user is None:
+        sys.stdout.write(hashed + "\n")
+    else:
+        name = args.user if re.fullmatch(r"[A-Za-z0-9_-]+", args.user) else json.dumps(args.user)
+        sys.stdout.write(f'{name} = "{hashed}"\n')
     return 0
 
 

@@ -45,6 +45,7 @@ MIN_INDIRECT_SEGMENTS = 12
 LIVE_KEYS = frozenset(
     {
         "daemon.log_level",
+        "metrics.web_config",
         "backend.guest_log_rate",
         "backend.max_persistent_grants",
         "backend.persistent_grant_idle",
@@ -159,6 +160,12 @@ def _address(value: object) -> str:
     return value
 
 
+def _optional_path(value: object) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise _Bad("must be a file path, or \"\" for none")
+    return value
+
+
 #: sun_path is 108 bytes with the terminating NUL
 MAX_SOCKET_PATH = 107
 
@@ -214,6 +221,9 @@ _SPECS: Tuple[_Spec, ...] = (
           "serve Prometheus metrics and /healthz over HTTP"),
     _Spec("metrics", "address", "127.0.0.1:9741", _address,
           "HOST:PORT to listen on (IPv6 as [::1]:9741; port 0 picks a free port)"),
+    _Spec("metrics", "web_config", "", _optional_path,
+          "web configuration file (TOML): TLS and basic auth for /metrics; \"\" = plain HTTP "
+          "(SIGHUP re-reads it)"),
     _Spec("control", "enabled", True, _bool,
           "serve the local control socket that gblk list and gblk stats talk to"),
     _Spec("control", "socket", "/run/gblk/control.sock", _socket_path,
@@ -271,6 +281,7 @@ class DaemonConfig:
 class MetricsConfig:
     enabled: bool = True
     address: str = "127.0.0.1:9741"
+    web_config: str = ""
 
     @property
     def host(self) -> str:

@@ -72,6 +72,8 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         cfg = self.config
+        # a bad web configuration is a configuration error: before anything else
+        web = self._web_config(cfg) if cfg.metrics.enabled else None
         if self.host is None:
             self.host = make_host(cfg)
         host = self.host
@@ -92,7 +94,7 @@ class Daemon:
             from .metrics.health import stats_health
 
             self.metrics = MetricsServer(cfg.metrics.address, make_registry(self.stats),
-                                         stats_health(self.stats))
+                                         stats_health(self.stats), web=web)
             try:
                 self.metrics.start()
             except GblkError as e:
@@ -111,7 +113,17 @@ class Daemon:
         self._greenlets.append(gevent.spawn(self._housekeeping))
         log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
                  cfg.daemon.xen, host.domid,
-                 f", metrics on http://{self.metrics_address()}/metrics" if self.metrics_address() else "")
+                 f", metrics on {self.metrics_url()}" if self.metrics_url() else "")
+
+    @staticmethod
+    def _web_config(cfg: Config) -> Any:
+        """The metrics endpoint's web configuration (TLS, basic auth), or None for
+        plain HTTP. Raises ConfigError naming the file and the key."""
+        if not cfg.metrics.web_config:
+            return None
+        from .metrics.webconfig import load_web_config
+
+        return load_web_config(cfg.metrics.web_config)
 
     def _retry_metrics(self) -> None:
         tries = 0
@@ -161,7 +173,7 @@ class Daemon:
             "disks": len(self.bus.devices) if self.bus is not None else 0,
             "xenstore_connected": self.stats.xenstore_connected,
             "metrics": ("disabled" if not self.config.metrics.enabled else
-                        f"http://{self.metrics_address()}/metrics" if self.metrics_address()
+                        self.metrics_url() if self.metrics_url()
                         else f"not listening: {self.metrics_error} (retrying)"),
             "started": self.stats.started,
         }
@@ -172,6 +184,12 @@ class Daemon:
         from .metrics.exporter import format_address
 
         return format_address(*self.metrics.address)
+
+    def metrics_url(self) -> str:
+        """``http(s)://HOST:PORT/metrics`` while listening, else ""."""
+        if self.metrics is None or not self.metrics.running:
+            return ""
+        return f"{self.metrics.url}/metrics"
 
     def stop(self) -> None:
         """Drain in order: stop taking new devices, answer in-flight IO of every
@@ -265,10 +283,16 @@ class Daemon:
         self.notifier.reloading(status="reloading configuration")
         try:
             new = self.config.reload()
+            # the web configuration file is read again whether its name changed or not
+            # (renewed certificates, new users); a bad one fails the whole reload
+            web = self._web_config(new) if self.metrics is not None else None
         except GblkError as e:
             log.error("configuration not reloaded: %s", e)
             self.notifier.ready(status="reload failed; old configuration kept")
             return
+        web_changed = self.metrics is not None and _fingerprint(web) != _fingerprint(self.metrics.web)
+        if web_changed:
+            self.metrics.set_web_config(web)
         applied, not_applied = self.config.reload_diff(new)
         self.config = self.config.with_live_changes(new)
         cfg = self.config
@@ -284,9 +308,13 @@ class Daemon:
             log.info("reloaded: applied %s", ", ".join(applied))
         if not_applied:
             log.warning("not applied (restart gblk to change): %s", ", ".join(not_applied))
-        if not applied and not not_applied:
+        if not applied and not not_applied and not web_changed:
             log.info("reloaded: nothing changed")
         self.notifier.ready(status="serving")
+
+
+def _fingerprint(web: Any) -> bytes:
+    return b"" if web is None else bytes(web.fingerprint)
 
 
 def serve(config: Config, debug: bool = False) -> int:

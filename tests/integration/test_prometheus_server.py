@@ -71,13 +71,16 @@ def _free_port() -> int:
 
 
 class PrometheusServer:
-    """A throw-away Prometheus on 127.0.0.1 scraping ``targets`` every second."""
+    """A throw-away Prometheus on 127.0.0.1 scraping ``targets`` every second
+    (or as ``scrape_configs``, YAML lines of that list, say: TLS, basic auth)."""
 
-    def __init__(self, binary: str, workdir: Path, targets: List[str], rule_files: List[Path]) -> None:
+    def __init__(self, binary: str, workdir: Path, targets: List[str], rule_files: List[Path],
+                 scrape_configs: Optional[List[str]] = None) -> None:
         self.binary = binary
         self.workdir = workdir
         self.targets = targets
         self.rule_files = rule_files
+        self.scrape_configs = scrape_configs
         self.proc: Optional[subprocess.Popen] = None
         self.port = 0
         self.log = workdir / "prometheus.log"
@@ -92,9 +95,11 @@ class PrometheusServer:
             "rule_files:",
             *[f"  - {json.dumps(str(p))}" for p in self.rule_files],
             "scrape_configs:",
-            "  - job_name: gblk",
-            "    static_configs:",
-            f"      - targets: {json.dumps(self.targets)}",
+            *(self.scrape_configs or [
+                "  - job_name: gblk",
+                "    static_configs:",
+                f"      - targets: {json.dumps(self.targets)}",
+            ]),
         ]
         config.write_text("\n".join(lines) + "\n")
         for _attempt in range(3):  # a free port can be taken between probe and bind

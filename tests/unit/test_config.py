@@ -288,6 +288,7 @@ def test_live_keys_are_the_documented_ones() -> None:
     """Exactly these keys can change without a restart (README says so)."""
     assert LIVE_KEYS == {
         "daemon.log_level",
+        "metrics.web_config",
         "backend.guest_log_rate",
         "backend.max_persistent_grants",
         "backend.persistent_grant_idle",
