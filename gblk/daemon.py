@@ -178,13 +178,6 @@ class Daemon:
             "started": self.stats.started,
         }
 
-    def metrics_address(self) -> str:
-        if self.metrics is None or not self.metrics.running:
-            return ""
-        from .metrics.exporter import format_address
-
-        return format_address(*self.metrics.address)
-
     def metrics_url(self) -> str:
         """``http(s)://HOST:PORT/metrics`` while listening, else ""."""
         if self.metrics is None or not self.metrics.running:
