@@ -226,3 +226,42 @@ def test_packaged_unit_verifies_and_runs_the_packaged_gblk(built: Built, tmp_pat
                env=clean_env(MANPATH=str(built.root / "usr/share/man")))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "" and proc.stderr.strip() == "", proc.stdout + proc.stderr
+
+
+VENV_INSTALL = "/opt/gblk/bin/pip install --no-deps --no-build-isolation ."
+
+
+def test_offline_venv_install_as_readme_says(tmp_path: Path) -> None:
+    """README's venv install on Debian's packages works with no package index at all:
+    a --system-site-packages venv of Debian's python3, and pip building with Debian's
+    setuptools and wheel (--no-build-isolation) instead of downloading them."""
+    readme = (REPO / "README.md").read_text()
+    assert "python3 -m venv --system-site-packages /opt/gblk" in readme
+    assert VENV_INSTALL in readme
+    if not Path(DEBIAN_PYTHON).exists():
+        pytest.skip(f"{DEBIAN_PYTHON} is not installed")
+    for module, package in (("ensurepip", "python3-venv"), ("setuptools", "python3-setuptools"),
+                            ("wheel", "python3-wheel"), ("gevent", "python3-gevent")):
+        if run([DEBIAN_PYTHON, "-c", f"import {module}"]).returncode != 0:
+            why = f"Debian's {package} is not installed"
+            if os.environ.get("CI"):
+                pytest.fail(why)
+            pytest.skip(why)
+    src = tmp_path / "gblk"
+    shutil.copytree(REPO, src, ignore=IGNORE, symlinks=True)
+    venv = tmp_path / "venv"
+    proc = run([DEBIAN_PYTHON, "-m", "venv", "--system-site-packages", str(venv)])
+    assert proc.returncode == 0, proc.stderr
+    offline = clean_env(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    for var in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        offline.pop(var, None)
+    cmd = VENV_INSTALL.replace("/opt/gblk", str(venv)).split()
+    proc = run(cmd, cwd=src, env=offline)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run([str(venv / "bin/gblk"), "--version"], cwd=tmp_path)
+    assert proc.stdout.strip() == f"gblk {VERSION}", proc.stdout + proc.stderr
+    proc = run([str(venv / "bin/python"), "-c", "import gblk.daemon, gevent, pyxs; print(gblk.__file__)"],
+               cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith(str(venv)), proc.stdout + proc.stderr
+    for exe in ("gblk-xl-hotplug", "gblk-device-model"):
+        assert os.access(venv / "bin" / exe, os.X_OK), exe
