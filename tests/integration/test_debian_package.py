@@ -204,7 +204,7 @@ def test_man_page_renders(built: Built) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == "", proc.stderr
     text = proc.stdout
-    assert "GBLK(8)" in text and "NAME\n       gblk - a userspace Xen paravirtual block backend" in text
+    assert "GBLK(8)" in text and "NAME\n       gblk, gblk-xl-hotplug, gblk-device-model - a userspace" in text
     for name in SUBCOMMANDS:
         assert f"   gblk {name}\n" in text, name
     assert "--metrics-address HOST:PORT" in text and "gblk-xl-hotplug add|remove" in text

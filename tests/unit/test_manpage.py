@@ -35,7 +35,8 @@ def page() -> str:
 def test_header_names_section_8_and_version(page: str) -> None:
     assert page.splitlines()[0].startswith('.\\"')
     assert f'.TH GBLK 8 "2026-01-02" "gblk {__version__}"' in page
-    assert "\n.SH NAME\ngblk \\- a userspace Xen paravirtual block backend\n" in page
+    assert ("\n.SH NAME\ngblk, gblk\\-xl\\-hotplug, gblk\\-device\\-model \\- "
+            "a userspace Xen paravirtual block backend\n") in page
 
 
 def test_every_subcommand_has_a_section_and_a_synopsis(page: str) -> None:
@@ -72,6 +73,20 @@ def test_a_new_option_appears_without_touching_the_generator() -> None:
                              default="dflt")
     text = manpage.render(parser, date="2026-01-02")
     assert "\\fB\\-\\-brand\\-new\\-flag X\\fR\na flag added later (dflt)" in text
+
+
+def test_helper_programs_take_their_usage_from_their_modules(page: str) -> None:
+    """gblk-xl-hotplug(8) and gblk-device-model(8) are links to this page."""
+    from gblk import devicemodel, hotplug
+
+    synopsis = page.split(".SH SYNOPSIS\n", 1)[1].split("\n.SH ", 1)[0]
+    helpers = page.split(".SH HELPER PROGRAMS\n", 1)[1].split("\n.SH ", 1)[0]
+    for text in (synopsis, helpers):
+        assert "\\fBgblk\\-xl\\-hotplug\\fR add|remove\n" in text
+        assert "\\fBgblk\\-device\\-model\\fR \\-xen\\-domid DOMID \\-machine xenpv" in text
+    assert "usage:" not in synopsis
+    assert hotplug.USAGE.startswith("usage: gblk-xl-hotplug add|remove")
+    assert "-xen-domid DOMID" in devicemodel.USAGE
 
 
 def test_exit_status_comes_from_the_cli_docstring(page: str) -> None:
