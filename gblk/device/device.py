@@ -4,6 +4,13 @@ A greenlet per device watches the backend directory and the frontend's ``state``
 re-reads the current values on every event and applies ``state.decide`` until it
 says NONE. Any failure is contained here: the device goes Closed with a clear
 message in ``hotplug-error``; the daemon and every other device carry on.
+
+Every blocking call (opening the store, its size, closing it; the rings' maps and
+teardown unmaps in the dataplane) goes through the daemon's ``ControlPool``: threads
+apart from the IO pool, and a deadline (``backend.control_timeout``) after which the
+call raises ControlTimeout and the device fails like any other. The wait cannot be
+cut short by a removal; it ends at the deadline at the latest, then the removal is
+seen and served.
 """
 
 from __future__ import annotations
