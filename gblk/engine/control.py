@@ -103,5 +103,8 @@ class ControlPool:
         self.pool.maxsize = self.size + min(self.stuck, MAX_STUCK)
 
     def close(self) -> None:
-        """Stop the idle threads (a stuck one ends when its call returns)."""
-        self.pool.kill()
+        """Stop the idle threads. With an abandoned call still running, nothing: the
+        threadpool's kill would wait for it, and a daemon stopping must not (the stuck
+        thread does not keep the process from exiting)."""
+        if self.stuck == 0:
+            self.pool.kill()

@@ -133,7 +133,8 @@ def test_an_open_that_never_returns_fails_its_device_not_the_daemon(host: SimHos
     ``hotplug-error`` naming the call and the key, and unplugs; the bystander's verified
     IO carries on throughout (a stuck open holds a control thread, never an IO
     thread); a new disk still connects and serves (the pool grew past the stuck
-    threads); and when the opens return at last, the stores they opened are closed."""
+    threads); when the opens return at last, the stores they opened are closed; and
+    SIGTERM stops the daemon at once even while an open is still stuck."""
     daemon = _hanging_daemon(host, _toml(io_threads=2, control_threads=1))
     try:
         with logs_on_failure(daemon):
@@ -172,8 +173,14 @@ def test_an_open_that_never_returns_fails_its_device_not_the_daemon(host: SimHos
             by.stop()
             check_clean(g.frontend)
             other.frontend.close()
+            # one more that stays stuck: SIGTERM is not held up by its thread
+            stuck = host.make_image("stuck.hang", 4 * MiB)
+            disk = host.toolstack.attach_disk(g.domid, stuck, devid=XVDB)
+            _failed_closed(host, disk.backend_path, f"opening {stuck}: no answer")
             assert daemon.alive()
             assert "Traceback" not in daemon.log_text()
-        assert daemon.stop() == 0
+            t0 = time.monotonic()
+            assert daemon.stop() == 0
+            assert time.monotonic() - t0 < 10.0
     finally:
         daemon.stop()
