@@ -36,10 +36,27 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 KINDS = ("qdisk", "vbd", "vbd3")
 GRANT_MODES = ("auto", "persistent", "map", "copy")
 DIRECT_IO_MODES = ("auto", "never", "always")
-#: 512 segment descriptors per indirect page, at most 8 indirect pages (blkif.h)
-MAX_INDIRECT_SEGMENTS = 4096
+#: Upper bounds of the count-like keys. Each caps what one guest can make gblk hold
+#: (mappings, threads, log lines); the figures are Linux xen-blkback's where it has one.
+#: blkif.h allows 8 descriptor pages of 512 segments (4096) per INDIRECT request;
+#: xen-blkback offers 256 (MAX_INDIRECT_SEGMENTS). gblk allows up to 1024: 4 MiB per
+#: request, so a full ring cannot pin more than slots x 1024 guest pages.
+MAX_INDIRECT_SEGMENTS = 1024
 #: below this an indirect request carries no more than a direct one (11 segments)
 MIN_INDIRECT_SEGMENTS = 12
+#: XENBUS_MAX_RING_GRANT_ORDER (Linux include/xen/xenbus.h): 16 pages per ring
+MAX_RING_PAGE_ORDER = 4
+#: Linux offers as many queues as dom0 has CPUs; gblk serves every ring from one event
+#: loop, so more rings than that gain nothing: 64 covers any dom0 worth the name
+MAX_QUEUES = 64
+#: persistent grants per ring: 16 x xen-blkback's default of 1056, 64 MiB of guest
+#: pages per ring (blkback has no cap at all: its module parameter takes any int)
+MAX_PERSISTENT_GRANTS = 16384
+MAX_IO_THREADS = 1024
+#: threads for control-plane calls (open, size, ring map, teardown unmaps)
+MAX_CONTROL_THREADS = 64
+#: log lines per device per minute (a guest must not fill the host's disk through us)
+MAX_GUEST_LOG_RATE = 6000.0
 
 #: keys a running daemon applies on SIGHUP; every other change needs a restart
 LIVE_KEYS = frozenset(
@@ -89,15 +106,17 @@ def _int_range(lo: int, hi: Optional[int] = None) -> Callable[[object], int]:
     return check
 
 
-def _float_min(lo: float, inclusive: bool) -> Callable[[object], float]:
+def _float_min(lo: float, inclusive: bool, hi: Optional[float] = None) -> Callable[[object], float]:
     def check(value: object) -> float:
         what = f"a number {'>=' if inclusive else '>'} {lo:g}"
+        if hi is not None:
+            what += f" and <= {hi:g}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Bad("must be " + what)
         number = float(value)
         if math.isnan(number) or math.isinf(number):
             raise _Bad("must be " + what + " (finite)")
-        if number < lo or (number == lo and not inclusive):
+        if number < lo or (number == lo and not inclusive) or (hi is not None and number > hi):
             raise _Bad("must be " + what)
         return number
 
@@ -228,16 +247,16 @@ _SPECS: Tuple[_Spec, ...] = (
           "serve the local control socket that gblk list and gblk stats talk to"),
     _Spec("control", "socket", "/run/gblk/control.sock", _socket_path,
           "path of the control socket (root only: mode 0600, peers checked)"),
-    _Spec("backend", "max_ring_page_order", 4, _int_range(0, 4),
+    _Spec("backend", "max_ring_page_order", 4, _int_range(0, MAX_RING_PAGE_ORDER),
           "largest ring a frontend may use, as a power of two of pages (max-ring-page-order)"),
-    _Spec("backend", "max_queues", 4, _int_range(1, 64),
+    _Spec("backend", "max_queues", 4, _int_range(1, MAX_QUEUES),
           "most rings per device a frontend may use (multi-queue-max-queues)"),
     _Spec("backend", "max_indirect_segments", 256, _indirect,
           "segments per indirect request offered (feature-max-indirect-segments); 0 = none"),
     _Spec("backend", "grant_mode", "auto", _choice(*GRANT_MODES),
           "how guest pages are reached: auto (persistent when the frontend offers "
           "feature-persistent, else map), persistent, map, copy"),
-    _Spec("backend", "max_persistent_grants", 1056, _int_range(0),
+    _Spec("backend", "max_persistent_grants", 1056, _int_range(0, MAX_PERSISTENT_GRANTS),
           "persistent grants kept mapped per ring (queue), least recently used evicted first "
           "(SIGHUP applies it)"),
     _Spec("backend", "persistent_grant_idle", 60.0, _float_min(0.0, inclusive=False),
@@ -246,9 +265,14 @@ _SPECS: Tuple[_Spec, ...] = (
           "O_DIRECT: auto (when the toolstack wrote direct-io-safe=1), never, always"),
     _Spec("backend", "discard", True, _bool,
           "offer DISCARD (unless the toolstack wrote discard-enable=0)"),
-    _Spec("backend", "io_threads", 16, _int_range(1, 1024),
+    _Spec("backend", "io_threads", 16, _int_range(1, MAX_IO_THREADS),
           "size of gevent's threadpool that runs the blocking IO"),
-    _Spec("backend", "guest_log_rate", 10.0, _float_min(0.0, inclusive=True),
+    _Spec("backend", "control_threads", 4, _int_range(1, MAX_CONTROL_THREADS),
+          "threads of the separate pool that runs control-plane calls (open, size, ring "
+          "map, teardown unmaps), so a stuck one never takes an IO thread"),
+    _Spec("backend", "control_timeout", 30.0, _float_min(0.0, inclusive=False),
+          "seconds one control-plane call may take; then that device fails (hotplug-error)"),
+    _Spec("backend", "guest_log_rate", 10.0, _float_min(0.0, inclusive=True, hi=MAX_GUEST_LOG_RATE),
           "log lines caused by a guest, per device per minute, before rate-limiting "
           "(0 = count them, log none; SIGHUP applies it)"),
 )
@@ -309,6 +333,8 @@ class BackendConfig:
     direct_io: str = "auto"
     discard: bool = True
     io_threads: int = 16
+    control_threads: int = 4
+    control_timeout: float = 30.0
     guest_log_rate: float = 10.0
 
 

@@ -27,6 +27,7 @@ from .config import Config
 from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
+from .engine.control import ControlPool
 from .engine.stats import DaemonStats
 from .errors import ConfigError, GblkError
 from .logs import GuestLogRate, set_level
@@ -65,6 +66,7 @@ class Daemon:
         self.control: Any = None
         self.control_error: Optional[str] = None
         self.xs: Any = None
+        self.control_pool: Optional[ControlPool] = None
         self._stop = gevent.event.Event()
         self._hup = False
         self._greenlets: List[gevent.Greenlet] = []
@@ -101,8 +103,12 @@ class Daemon:
                 self.metrics_error = str(e)
                 log.warning("%s; serving disks without metrics, retrying the bind", e)
                 self._greenlets.append(gevent.spawn(self._retry_metrics))
+        # the control plane's blocking calls get threads of their own (and a deadline):
+        # a store whose open hangs holds one of them, never one of the IO threads
+        self.control_pool = ControlPool(cfg.backend.control_threads, cfg.backend.control_timeout)
         ctx = DeviceContext(
-            host=host, xs=self.xs, pool=hub.threadpool, config=cfg.backend, stats=self.stats,
+            host=host, xs=self.xs, pool=hub.threadpool, control=self.control_pool,
+            config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
             backend_domid=host.domid,
         )
@@ -196,6 +202,9 @@ class Daemon:
         if self.bus is not None:
             bus, self.bus = self.bus, None
             bus.stop(self.config.daemon.stop_timeout)
+        if self.control_pool is not None:
+            pool, self.control_pool = self.control_pool, None
+            pool.close()
         if self.metrics is not None:
             m, self.metrics = self.metrics, None
             m.stop()

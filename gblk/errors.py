@@ -69,3 +69,8 @@ class XenStoreError(XenError):
 
 class StorageError(GblkError):
     """A backing store cannot be opened or used as configured."""
+
+
+class ControlTimeout(GblkError):
+    """A blocking control-plane call (opening a store, its size, mapping or unmapping
+    a ring) did not return within ``backend.control_timeout``: the device fails."""

@@ -4,6 +4,13 @@ A greenlet per device watches the backend directory and the frontend's ``state``
 re-reads the current values on every event and applies ``state.decide`` until it
 says NONE. Any failure is contained here: the device goes Closed with a clear
 message in ``hotplug-error``; the daemon and every other device carry on.
+
+Every blocking call (opening the store, its size, closing it; the rings' maps and
+teardown unmaps in the dataplane) goes through the daemon's ``ControlPool``: threads
+apart from the IO pool, and a deadline (``backend.control_timeout``) after which the
+call raises ControlTimeout and the device fails like any other. The wait cannot be
+cut short by a removal; it ends at the deadline at the latest, then the removal is
+seen and served.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVA
 from ..blkif.const import XenbusState as S
 from ..blkif.validate import DiskLimits
 from ..config import BackendConfig
-from ..engine import jobs, pages
+from ..engine import pages
+from ..engine.control import ControlPool
 from ..engine.dataplane import Dataplane
 from ..engine.stats import DaemonStats, DeviceStats
 from ..errors import GblkError, NegotiationError, XenStoreError
@@ -37,12 +45,20 @@ class DeviceContext:
 
     host: XenHost
     xs: XenStore
-    pool: Any  # gevent threadpool
+    pool: Any  # gevent threadpool: guests' IO only
+    #: the control plane's blocking calls (open, size, ring map, teardown), each with
+    #: a deadline, in threads of their own: a stuck one never takes an IO thread
+    control: ControlPool
     config: BackendConfig
     stats: DaemonStats
     log_rate: GuestLogRate
     stop_timeout: float
     backend_domid: int = 0
+
+
+def _close_store(store: Store) -> None:
+    """In the control pool: close a store whose open returned after its deadline."""
+    store.close()
 
 
 def _state(value: Optional[str]) -> Optional[int]:
@@ -68,6 +84,8 @@ class Device:
         self.log: DeviceLogger = device_logger(domid, devid, ctx.log_rate)
         self._on_removed = on_removed
         self.store: Optional[Store] = None
+        #: the backing store's path, for error messages (set before it is opened)
+        self.store_path = ""
         self.gnttab: Optional[GrantTable] = None
         self.dataplane: Optional[Dataplane] = None
         self.attached = False
@@ -102,7 +120,7 @@ class Device:
         if self.store is not None:
             store, self.store = self.store, None
             try:
-                jobs.apply(self.ctx.pool, store.close)
+                self.ctx.control.call(f"closing {self.store_path}", store.close)
             except (GblkError, OSError) as e:
                 self.log.warning("closing the store: %s", e)
         if self.gnttab is not None:
@@ -141,7 +159,11 @@ class Device:
                 return
             fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
             if fired is None and self.attached:
-                self._check_resize()
+                try:
+                    self._check_resize()
+                except (GblkError, OSError) as e:  # the store stopped answering
+                    _, f, online = self._read_states()
+                    self._fail(f"checking the size of {self.store_path}: {e}", f, online)
 
     def _read_states(self) -> tuple:
         xs = self.ctx.xs
@@ -227,7 +249,12 @@ class Device:
         self._discard_enable = cfg.discard and xb.parse_bool(
             xs.read(f"{self.path}/{xb.DISCARD_ENABLE}"), default=True)
         if self.store is None:
-            self.store = jobs.apply(self.ctx.pool, open_store, fmt, path, self._readonly, self._direct)
+            # a store that opens after its deadline (the device failed meanwhile) is
+            # closed again, in the control pool
+            self.store_path = path
+            self.store = self.ctx.control.call(
+                f"opening {path}", open_store, fmt, path, self._readonly, self._direct,
+                undo=_close_store)
         if self.gnttab is None:
             self.gnttab = self.ctx.host.open_grant_table()
         offer = self._offer()
@@ -269,12 +296,13 @@ class Device:
         fe = self._frontend
         params = xb.parse_frontend(lambda k: ctx.xs.read(f"{fe}/{k}"), self._offer())
         mode = self._grant_mode(params.persistent)
-        size = jobs.apply(ctx.pool, store.size)
+        size = ctx.control.call(f"reading the size of {self.store_path}", store.size)
         sectors = size // SECTOR_SIZE
         limits = self._limits(sectors)
         dp = Dataplane(
             host=ctx.host, gnttab=self.gnttab, store=store, domid=self.domid, abi=params.abi,
-            limits=limits, path=mode, pool=ctx.pool, device_stats=self.stats, log=self.log,
+            limits=limits, path=mode, pool=ctx.pool, control=ctx.control,
+            device_stats=self.stats, log=self.log,
             guest_log=self.log.guest_warning, max_persistent_grants=cfg.max_persistent_grants,
             persistent_grant_idle=cfg.persistent_grant_idle,
         )
@@ -353,7 +381,8 @@ class Device:
         store = self.store
         if store is None:
             return
-        sectors = jobs.apply(self.ctx.pool, store.size) // SECTOR_SIZE
+        sectors = self.ctx.control.call(
+            f"reading the size of {self.store_path}", store.size) // SECTOR_SIZE
         if sectors == self.stats.sectors:
             return
         self.log.info("resized: %d -> %d sectors", self.stats.sectors, sectors)

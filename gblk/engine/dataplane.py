@@ -5,7 +5,8 @@ manner of QEMU's xen-block dataplane: create (the constructor), ``start(queues)`
 ``stop(timeout)``, ``resize(limits)`` and ``set_persistent_limit(n)``. Everything the
 rings share lives here once: the store, the grant table, the ABI, the page source
 (``gblk.engine.pages``: copy, map or persistent), the limits the frontend was told,
-the threadpool and the device's stats. Runs on the hub.
+the threadpool (guests' IO), the control pool (ring maps and teardown unmaps, each with
+a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..blkif.validate import DiskLimits
 from ..storage import Store
 from ..xen.interfaces import GrantTable, XenHost
 from . import jobs
+from .control import ControlPool
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
@@ -41,6 +43,7 @@ class Dataplane:
         limits: DiskLimits,
         path: str,
         pool: Any,
+        control: ControlPool,
         device_stats: DeviceStats,
         log: logging.LoggerAdapter,
         guest_log: Callable[[str], None],
@@ -53,6 +56,7 @@ class Dataplane:
         self.domid = domid
         self.abi = abi
         self.pool = pool
+        self.control = control
         self.device_stats = device_stats
         self.log = log
         self.guest_log = guest_log

@@ -29,7 +29,8 @@ MODE_PERSISTENT = _pages.PERSISTENT
 MODE_COPY = _pages.COPY
 
 __all__ = ["Outcome", "JobContext", "run_request", "run_indirect", "read_indirect",
-           "read_descriptors", "run_views", "run_discard", "run_batch", "unmap_all", "unmap_reporting", "apply", "flush_only"]
+           "read_descriptors", "run_views", "run_discard", "run_batch", "unmap_all", "unmap_reporting", "apply", "catching", "raised_or", "is_raised",
+           "flush_only"]
 
 #: kept for callers that parse descriptor pages themselves
 read_descriptors = join_descriptors
@@ -210,20 +211,30 @@ class _Raised:
         self.error = error
 
 
-def _catching(fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+def catching(fn: Callable[..., Any], args: Tuple[Any, ...]) -> Any:
+    """In the threadpool: ``fn(*args)``, or its GblkError/OSError wrapped, for
+    :func:`raised_or` to raise on the hub."""
     try:
         return fn(*args)
     except (GblkError, OSError) as e:
         return _Raised(e)
 
 
-def apply(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` in the threadpool, its GblkError or OSError raised here, on the
-    hub: gevent's threadpool would print the traceback of an exception a job raises."""
-    got = pool.apply(_catching, (fn, args))
+def is_raised(value: Any) -> bool:
+    return isinstance(value, _Raised)
+
+
+def raised_or(got: Any) -> Any:
+    """On the hub: what :func:`catching` returned, its wrapped exception raised."""
     if isinstance(got, _Raised):
         raise got.error
     return got
+
+
+def apply(pool: Any, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the threadpool, its GblkError or OSError raised here, on the
+    hub: gevent's threadpool would print the traceback of an exception a job raises."""
+    return raised_or(pool.apply(catching, (fn, args)))
 
 
 def flush_only(store: Store) -> Optional[str]:

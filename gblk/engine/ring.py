@@ -139,8 +139,11 @@ class RingWorker:
         """Map the ring, bind the event channel, start serving. Raises GblkError
         (the device fails this connection); ``stop()`` cleans up after a half start."""
         dp = self.dp
-        self._ring_map = jobs.apply(dp.pool, dp.gnttab.map_grant_refs, dp.domid,
-                                    list(self.ring_refs), True)
+        # in the control pool, with a deadline; a mapping made after it is unmapped
+        self._ring_map = dp.control.call(
+            f"queue {self.queue}: mapping the ring ({len(self.ring_refs)} pages)",
+            dp.gnttab.map_grant_refs, dp.domid, list(self.ring_refs), True,
+            undo=_unmap_late)
         self.stats.grant_maps += len(self.ring_refs)
         if len(self._ring_map.pages) == 1:
             buf = self._ring_map.pages[0]
@@ -190,9 +193,14 @@ class RingWorker:
                 self.ring.release()
                 self.ring = None
             if self._ring_map is not None:
-                self._ring_map.unmap()
-                self.stats.grant_unmaps += len(self.ring_refs)
-                self._ring_map = None
+                ring_map, self._ring_map = self._ring_map, None
+                try:  # with a deadline: a teardown that hangs would keep the device
+                    self.dp.control.call(f"queue {self.queue}: unmapping the ring",
+                                         ring_map.unmap)
+                    self.stats.grant_unmaps += len(self.ring_refs)
+                except GblkError as e:  # counted and logged: a leak, but the device goes
+                    self.stats.errors["grant_map"] += 1
+                    self.dp.log.error("%s", e)
         if self.evtchn is not None:
             try:
                 if self.port is not None:
@@ -579,8 +587,14 @@ class RingWorker:
         if not mappings:
             return
         self.stats.grant_unmaps += len(mappings)
-        if wait:
-            self._unmapped(self.dp.pool.apply(jobs.unmap_reporting, (mappings,)))
+        if wait:  # teardown: in the control pool, with a deadline
+            try:
+                errors = self.dp.control.call(
+                    f"queue {self.queue}: unmapping {len(mappings)} persistent grants",
+                    jobs.unmap_reporting, mappings)
+            except GblkError as e:
+                errors = [str(e)]
+            self._unmapped(errors)
         else:
             self.dp.pool.spawn(jobs.unmap_reporting, mappings).rawlink(
                 lambda r: self._unmapped(r.get(block=False)))
@@ -604,6 +618,11 @@ class RingWorker:
         if self._pgrants is not None:
             self._unmap(self._pgrants.shrink_to(limit), wait=False)
             self._update_pgrant_gauge()
+
+
+def _unmap_late(mapping: GrantMapping) -> None:
+    """In the control pool: unmap a ring mapped after its deadline."""
+    mapping.unmap()
 
 
 def _contiguous(mapping: GrantMapping) -> memoryview:

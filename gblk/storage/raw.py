@@ -120,10 +120,32 @@ def _queue_limits(rdev: int) -> Dict[str, int]:
     return out
 
 
+def _kind(mode: int) -> str:
+    """What a file that is neither regular nor a block device is, for the error."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _servable(path: str, mode: int) -> None:
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise StorageError(f"{path} is {_kind(mode)}: gblk serves only a regular file "
+                           "or a block device")
+
+
 class RawStore(Store):
     def __init__(self, path: str, readonly: bool, direct: bool = False) -> None:
+        # the type first: opening a FIFO for reading waits for a writer, for ever
+        try:
+            _servable(path, os.stat(path).st_mode)
+        except OSError as e:
+            raise StorageError(f"cannot open {path}: {e.strerror}") from None
         flags = os.O_RDONLY if readonly else os.O_RDWR
-        flags |= os.O_CLOEXEC
+        # O_NONBLOCK: should the path become a FIFO between the stat and the open, the
+        # open still returns at once (and the fstat below refuses it); cleared after
+        flags |= os.O_CLOEXEC | os.O_NONBLOCK
         if direct:
             flags |= os.O_DIRECT
         try:
@@ -135,11 +157,16 @@ class RawStore(Store):
         self.path = path
         self.readonly = readonly
         self.direct = direct
-        st = os.fstat(self.fd)
-        self.is_block = stat.S_ISBLK(st.st_mode)
-        if not (self.is_block or stat.S_ISREG(st.st_mode)):
+        try:
+            st = os.fstat(self.fd)
+            _servable(path, st.st_mode)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL,
+                        fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
             os.close(self.fd)
-            raise StorageError(f"{path} is neither a regular file nor a block device")
+            self.fd = -1
+            raise
+        self.is_block = stat.S_ISBLK(st.st_mode)
         if self.is_block:
             self.sector_size = _ioctl_int(self.fd, BLKSSZGET)
             self.physical_sector_size = _ioctl_int(self.fd, BLKPBSZGET)

@@ -173,15 +173,24 @@ BAD_VALUES = [
     ("backend", "max_queues = 0", "backend.max_queues", "from 1 to 64"),
     ("backend", "max_queues = 65", "backend.max_queues", "from 1 to 64"),
     ("backend", "max_indirect_segments = 11", "backend.max_indirect_segments", "0 (no indirect"),
-    ("backend", "max_indirect_segments = 4097", "backend.max_indirect_segments", "12 to 4096"),
+    ("backend", "max_indirect_segments = 1025", "backend.max_indirect_segments", "12 to 1024"),
+    ("backend", "max_indirect_segments = 4096", "backend.max_indirect_segments", "12 to 1024"),
     ("backend", "grant_mode = 'grant'", "backend.grant_mode", "'auto', 'persistent', 'map', 'copy'"),
-    ("backend", "max_persistent_grants = -1", "backend.max_persistent_grants", ">= 0"),
+    ("backend", "max_persistent_grants = -1", "backend.max_persistent_grants", "from 0 to 16384"),
+    ("backend", "max_persistent_grants = 16385", "backend.max_persistent_grants", "from 0 to 16384"),
+    ("backend", "max_persistent_grants = 1000000000000000000000000000000",
+     "backend.max_persistent_grants", "from 0 to 16384"),
     ("backend", "persistent_grant_idle = 0", "backend.persistent_grant_idle", "> 0"),
     ("backend", "direct_io = true", "backend.direct_io", "'auto', 'never', 'always'"),
     ("backend", "discard = 0", "backend.discard", "true or false"),
     ("backend", "io_threads = 0", "backend.io_threads", "from 1 to 1024"),
     ("backend", "io_threads = 1025", "backend.io_threads", "from 1 to 1024"),
-    ("backend", "guest_log_rate = -1", "backend.guest_log_rate", ">= 0"),
+    ("backend", "control_threads = 0", "backend.control_threads", "from 1 to 64"),
+    ("backend", "control_threads = 65", "backend.control_threads", "from 1 to 64"),
+    ("backend", "control_timeout = 0", "backend.control_timeout", "> 0"),
+    ("backend", "control_timeout = inf", "backend.control_timeout", "finite"),
+    ("backend", "guest_log_rate = -1", "backend.guest_log_rate", ">= 0 and <= 6000"),
+    ("backend", "guest_log_rate = 6000.5", "backend.guest_log_rate", ">= 0 and <= 6000"),
 ]
 
 
@@ -197,6 +206,42 @@ def test_bad_value_names_key_and_what_is_allowed(
     assert "(got " in message
 
 
+#: every count-like key and its documented upper bound (issue 10: max_persistent_grants
+#: took 10**30, and a guest could make gblk keep as many mappings as it had grants)
+UPPER_BOUNDS = {
+    "backend.max_ring_page_order": cfgmod.MAX_RING_PAGE_ORDER,
+    "backend.max_queues": cfgmod.MAX_QUEUES,
+    "backend.max_indirect_segments": cfgmod.MAX_INDIRECT_SEGMENTS,
+    "backend.max_persistent_grants": cfgmod.MAX_PERSISTENT_GRANTS,
+    "backend.io_threads": cfgmod.MAX_IO_THREADS,
+    "backend.control_threads": cfgmod.MAX_CONTROL_THREADS,
+    "backend.guest_log_rate": cfgmod.MAX_GUEST_LOG_RATE,
+}
+
+
+def test_every_integer_key_is_listed_with_a_bound() -> None:
+    """A new integer key cannot slip in without an upper bound: each is in the table."""
+    ints = {name for name, default, _ in cfgmod.keys()
+            if isinstance(default, int) and not isinstance(default, bool)}
+    assert ints <= set(UPPER_BOUNDS)
+
+
+@pytest.mark.parametrize("name", sorted(UPPER_BOUNDS))
+def test_count_keys_have_an_upper_bound(name: str) -> None:
+    """Each count-like key takes its bound and refuses one more, and 10**30, from the
+    command line too, with the bound in the message; README states the same bound."""
+    bound = UPPER_BOUNDS[name]
+    assert load_config(None, {name: bound}).get(name) == bound
+    for bad in (bound + 1, 10**30):
+        with pytest.raises(ConfigError) as info:
+            load_config(None, {name: bad})
+        assert name in str(info.value) and f"{bound:g}" in str(info.value)
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+    allowed = row.split("|")[3].strip()
+    assert allowed.endswith(f"..{bound:g}"), row
+
+
 GOOD_VALUES = [
     ("daemon", "kinds = ['vbd3', 'qdisk', 'vbd']", "daemon.kinds", ("vbd3", "qdisk", "vbd")),
     ("daemon", "xen = 'sim:/tmp/host'", "daemon.xen", "sim:/tmp/host"),
@@ -207,7 +252,13 @@ GOOD_VALUES = [
     ("backend", "max_ring_page_order = 0", "backend.max_ring_page_order", 0),
     ("backend", "max_indirect_segments = 0", "backend.max_indirect_segments", 0),
     ("backend", "max_indirect_segments = 12", "backend.max_indirect_segments", 12),
-    ("backend", "max_indirect_segments = 4096", "backend.max_indirect_segments", 4096),
+    ("backend", "max_indirect_segments = 1024", "backend.max_indirect_segments", 1024),
+    ("backend", "max_ring_page_order = 4", "backend.max_ring_page_order", 4),
+    ("backend", "max_queues = 64", "backend.max_queues", 64),
+    ("backend", "max_persistent_grants = 16384", "backend.max_persistent_grants", 16384),
+    ("backend", "control_threads = 64", "backend.control_threads", 64),
+    ("backend", "control_timeout = 0.5", "backend.control_timeout", 0.5),
+    ("backend", "guest_log_rate = 6000", "backend.guest_log_rate", 6000.0),
     ("backend", "max_persistent_grants = 0", "backend.max_persistent_grants", 0),
     ("backend", "guest_log_rate = 0", "backend.guest_log_rate", 0.0),
     ("backend", "io_threads = 1024", "backend.io_threads", 1024),
@@ -346,16 +397,19 @@ _values = {
         lambda h, p: f"{h}:{p}", st.sampled_from(["127.0.0.1", "[::1]", "0.0.0.0", "localhost"]),
         st.integers(0, 65535),
     ),
-    "backend.max_ring_page_order": st.integers(0, 4),
-    "backend.max_queues": st.integers(1, 64),
-    "backend.max_indirect_segments": st.one_of(st.just(0), st.integers(12, 4096)),
+    "backend.max_ring_page_order": st.integers(0, cfgmod.MAX_RING_PAGE_ORDER),
+    "backend.max_queues": st.integers(1, cfgmod.MAX_QUEUES),
+    "backend.max_indirect_segments": st.one_of(
+        st.just(0), st.integers(cfgmod.MIN_INDIRECT_SEGMENTS, cfgmod.MAX_INDIRECT_SEGMENTS)),
     "backend.grant_mode": st.sampled_from(cfgmod.GRANT_MODES),
-    "backend.max_persistent_grants": st.integers(0, 10**6),
+    "backend.max_persistent_grants": st.integers(0, cfgmod.MAX_PERSISTENT_GRANTS),
     "backend.persistent_grant_idle": st.floats(min_value=0.001, max_value=1e6),
     "backend.direct_io": st.sampled_from(cfgmod.DIRECT_IO_MODES),
     "backend.discard": st.booleans(),
-    "backend.io_threads": st.integers(1, 1024),
-    "backend.guest_log_rate": st.floats(min_value=0.0, max_value=1e6),
+    "backend.io_threads": st.integers(1, cfgmod.MAX_IO_THREADS),
+    "backend.control_threads": st.integers(1, cfgmod.MAX_CONTROL_THREADS),
+    "backend.control_timeout": st.floats(min_value=0.001, max_value=1e6),
+    "backend.guest_log_rate": st.floats(min_value=0.0, max_value=cfgmod.MAX_GUEST_LOG_RATE),
 }
 
 

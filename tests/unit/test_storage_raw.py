@@ -236,8 +236,95 @@ def test_missing_file_error(tmp_path: Path) -> None:
 def test_directory_is_refused(tmp_path: Path, readonly: bool) -> None:
     """A directory is neither a file nor a block device: a StorageError that says so
     (not a crash later on the first IO)."""
-    with pytest.raises(StorageError, match="neither a regular file nor a block device|cannot open"):
+    with pytest.raises(StorageError, match="is a directory: gblk serves only a regular file"):
         open_store("raw", str(tmp_path), readonly=readonly)
+
+
+def _fifo_refused(path: str, readonly: bool) -> None:
+    with pytest.raises(StorageError) as ei:
+        open_store("raw", path, readonly=readonly)
+    assert str(ei.value) == (f"{path} is a FIFO: gblk serves only a regular file or a "
+                             "block device")
+
+
+@pytest.mark.parametrize("readonly", [True, False])
+def test_fifo_is_refused_without_opening_it(tmp_path: Path, readonly: bool) -> None:
+    """Issue 10: a FIFO opened O_RDONLY waits for a writer for ever, so the type is
+    checked before the open: refused at once with a StorageError that says what it
+    is. Run in a thread with a deadline, so a regression fails instead of hanging."""
+    import threading
+
+    fifo = str(tmp_path / "disk.fifo")
+    os.mkfifo(fifo)
+    done = threading.Event()
+    failure: List[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            _fifo_refused(fifo, readonly)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failure.append(e)
+        done.set()
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    if not done.wait(5):
+        with open(fifo, "wb"):  # a writer: the stuck open returns, the thread ends
+            pass
+        pytest.fail("opening a FIFO blocked")
+    assert not failure, failure
+
+
+@pytest.mark.parametrize("kind", ["chr", "socket"])
+def test_other_special_files_are_refused(tmp_path: Path, kind: str) -> None:
+    """A character device (/dev/null) or a Unix socket is refused by name too."""
+    import socket
+
+    if kind == "chr":
+        path, what = "/dev/null", "a character device"
+    else:
+        path, what = str(tmp_path / "s.sock"), "a socket"
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(path)
+    with pytest.raises(StorageError, match=f"is {what}: gblk serves only"):
+        open_store("raw", path, readonly=True)
+
+
+def test_a_path_swapped_for_a_fifo_after_the_check_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stat and the open are two steps: should the path become a FIFO in between,
+    O_NONBLOCK keeps the open from waiting and the fstat refuses the file; the store
+    otherwise ends up with O_NONBLOCK cleared."""
+    import fcntl
+
+    fifo = str(tmp_path / "disk.fifo")
+    os.mkfifo(fifo)
+    real, real_stat = os.open, os.stat
+    monkeypatch.setattr(rawmod.os, "stat", lambda p, *a, **k: real_stat(
+        __file__ if p == fifo else p, *a, **k))
+    opened: List[int] = []
+
+    def spy(path: str, flags: int, *a: object) -> int:
+        fd = real(path, flags, *a)
+        opened.append(fd)
+        return fd
+
+    closed: List[int] = []
+    real_close = os.close
+
+    def close_spy(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(rawmod.os, "open", spy)
+    monkeypatch.setattr(rawmod.os, "close", close_spy)
+    _fifo_refused(fifo, True)
+    assert len(opened) == 1 and closed == opened  # opened without waiting, closed again
+    monkeypatch.undo()
+    s = open_store("raw", __file__, readonly=True)
+    assert isinstance(s, RawStore)
+    assert not fcntl.fcntl(s.fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    s.close()
 
 
 def test_close_is_idempotent(image: str) -> None:
