@@ -102,9 +102,11 @@ class ControlPool:
     def _resize(self) -> None:
         self.pool.maxsize = self.size + min(self.stuck, MAX_STUCK)
 
-    def close(self) -> None:
-        """Stop the idle threads. With an abandoned call still running, nothing: the
-        threadpool's kill would wait for it, and a daemon stopping must not (the stuck
-        thread does not keep the process from exiting)."""
+    def close(self) -> int:
+        """Stop the idle threads; return how many abandoned calls still run. With one
+        still running, nothing is stopped: the threadpool's kill would wait for it, and
+        a daemon stopping must not (the daemon then exits without finalizing, see
+        ``gblk.daemon.serve``)."""
         if self.stuck == 0:
             self.pool.kill()
+        return self.stuck

@@ -180,7 +180,8 @@ def test_an_open_that_never_returns_fails_its_device_not_the_daemon(host: SimHos
             assert daemon.alive()
             assert "Traceback" not in daemon.log_text()
             t0 = time.monotonic()
-            assert daemon.stop() == 0
+            assert daemon.stop() == 0  # a clean exit, not a crash in shutdown (SIGSEGV on 3.9)
             assert time.monotonic() - t0 < 10.0
+            assert "exiting with 1 control call(s) still stuck" in daemon.log_text()
     finally:
         daemon.stop()
