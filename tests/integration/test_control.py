@@ -62,6 +62,14 @@ def test_list_and_stats_agree_with_metrics_for_a_running_demo(running_demo, chil
     and ring slots; every counter of gblk stats --json lies between two scrapes taken
     before and after it (the workload keeps running: counters only grow)."""
     url, control = running_demo
+
+    def ops_seen(samples):
+        return [v for k, v in samples.items() if k.startswith("gblk_requests_total{")
+                and ('op="read"' in k or 'op="write"' in k)]
+
+    # the demo says it is up before each guest's workload has done a read and a write
+    eventually(lambda: scrape(url), lambda s: len(ops_seen(s)) == 4 and min(ops_seen(s)) > 0,
+               "both guests reading and writing")
     before = scrape(url)
     rows = json.loads(gblk(["list", "--json", "--control-socket", control], child_env).stdout)
     stats = json.loads(gblk(["stats", "--json", "--control-socket", control], child_env).stdout)
