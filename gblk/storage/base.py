@@ -7,8 +7,9 @@ from typing import Sequence
 
 from ..errors import StorageError
 
-#: formats of libxl's ``params`` that gblk serves (``aio`` is mapped to ``raw`` by blkif)
-SUPPORTED_FORMATS = ("raw",)
+#: formats of libxl's ``params`` that gblk serves (``aio`` is mapped to ``raw`` by blkif):
+#: raw itself, the image formats through qemu-nbd, and ``nbd:<uri>`` (someone's export)
+SUPPORTED_FORMATS = ("raw", "qcow2", "qcow", "vpc", "vhd", "vhdx", "vmdk", "vdi", "qed", "nbd")
 
 
 class Store(abc.ABC):
@@ -68,7 +69,16 @@ def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Sto
         raise StorageError(
             f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
         )
-    return RawStore(path, readonly=readonly, direct=direct)
+    if fmt == "raw":
+        return RawStore(path, readonly=readonly, direct=direct)
+    try:
+        if fmt == "nbd":
+            return remote_store(path, readonly)
+        return image_store(fmt, path, readonly, direct)
+    except OSError as e:
+        raise StorageError(f"cannot serve {fmt}:{path}: {e.strerror or e}") from None
 
 
-from .raw import RawStore  # noqa: E402  (raw imports this module)
+from .nbd import remote_store  # noqa: E402  (these import this module)
+from .qemunbd import image_store  # noqa: E402
+from .raw import RawStore  # noqa: E402
