@@ -24,7 +24,9 @@ Devices that serve the same image share one qemu-nbd (qemu's lock refuses a seco
 writer anyway). When its process dies, the next connection (see ``NbdStore``)
 restarts it, at most ``MAX_RESTARTS`` times in ``RESTART_WINDOW`` seconds.
 
-Blocking calls, run in the control threadpool (start, stop) and the IO threadpool
+Processes are spawned and reaped with the ``posix`` module's own functions: gevent
+patches ``os.posix_spawn`` and ``os.waitpid`` to watch children on the hub's loop, which
+a thread of the threadpool has not. Blocking calls, run in the control threadpool (start, stop) and the IO threadpool
 (a restart).
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import posix
 import shutil
 import signal
 import tempfile
@@ -115,7 +118,7 @@ class QemuNbd:
               (os.POSIX_SPAWN_OPEN, 1, self.logfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
               (os.POSIX_SPAWN_DUP2, 1, 2)]
         try:
-            self.pid = os.posix_spawn(binary, self.argv(binary), dict(os.environ, LC_ALL="C"),
+            self.pid = posix.posix_spawn(binary, self.argv(binary), dict(os.environ, LC_ALL="C"),
                                       file_actions=fa, setsid=True)
         except OSError as e:
             raise StorageError(f"cannot start {binary}: {e.strerror}") from None
@@ -148,7 +151,7 @@ class QemuNbd:
         if self.pid <= 0:
             return False
         try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status = posix.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:  # reaped elsewhere (gevent's SIGCHLD handling)
             pid, status = self.pid, -1
         if pid == 0:
