@@ -158,6 +158,7 @@ class Device:
             if self.removed:
                 return
             fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
+            self._note_store()
             if fired is None and self.attached:
                 try:
                     self._check_resize()
@@ -255,6 +256,8 @@ class Device:
             self.store = self.ctx.control.call(
                 f"opening {path}", open_store, fmt, path, self._readonly, self._direct,
                 undo=_close_store)
+            # an export the server offers read-only is served read-only, whatever mode says
+            self._readonly = self._readonly or self.store.readonly
         if self.gnttab is None:
             self.gnttab = self.ctx.host.open_grant_table()
         offer = self._offer()
@@ -267,6 +270,7 @@ class Device:
         self.ctx.xs.transaction(tx)
         self.log.info("opened %s (%s, %s%s)", path, fmt, "ro" if self._readonly else "rw",
                       ", O_DIRECT" if self._direct else "")
+        self._note_store()
 
     def _offer(self) -> xb.Offer:
         cfg = self.ctx.config
@@ -376,6 +380,31 @@ class Device:
             self.stats.state = int(state)
             self.stats.state_since = time.monotonic()
             self.log.info("state %s", S(state).name.lower())
+
+    def _note_store(self) -> None:
+        """Copy an NBD store's connection state into the stats; log its changes."""
+        status = getattr(self.store, "metrics", None)
+        if status is None:
+            return
+        m = status()
+        st = self.stats
+        if m["state"] != st.nbd_state:
+            if st.nbd_state:
+                log = self.log.info if m["state"] == "connected" else self.log.error
+                log("NBD connection %s -> %s%s", st.nbd_state, m["state"],
+                    f" ({m['last_error']})" if m["state"] != "connected" and m["last_error"] else "")
+            st.nbd_state = m["state"]
+        new_errors = m["connection_errors"] - st.nbd_connection_errors
+        if new_errors > 0:
+            st.errors["nbd_connection"] += new_errors
+            if m["state"] == "connected":
+                self.log.warning("NBD connection lost and re-established (%s)", m["last_error"])
+        if m["lost_writes"] > st.nbd_unflushed_lost:
+            self.log.error("the NBD server went away with acknowledged writes it had not "
+                           "flushed: the guest's next flush fails")
+        st.nbd_reconnects = m["reconnects"]
+        st.nbd_connection_errors = m["connection_errors"]
+        st.nbd_unflushed_lost = m["lost_writes"]
 
     def _check_resize(self) -> None:
         store = self.store

@@ -40,6 +40,7 @@ REASONS = (
 #: device-level error reasons (DeviceStats.errors)
 DEVICE_REASONS = (
     "device_failed",  # storage could not be opened, negotiation failed, a ring failed
+    "nbd_connection",  # an NBD-served disk lost its connection (or could not reconnect)
 )
 
 
@@ -139,6 +140,13 @@ class DeviceStats:
     retired: RingStats = field(default_factory=RingStats)
     #: monotonic time of the last state change (for "stuck" detection in /healthz)
     state_since: float = 0.0
+    #: NBD-served disks (image formats, nbd: URIs): the connection's state
+    #: (connecting, connected, reconnecting, failed, closed; "" for other stores)
+    nbd_state: str = ""
+    nbd_reconnects: int = 0
+    nbd_connection_errors: int = 0
+    #: times the server went away holding acknowledged writes it had not flushed
+    nbd_unflushed_lost: int = 0
 
 
 @dataclass

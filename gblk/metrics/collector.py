@@ -172,6 +172,19 @@ class _Families:
             labels=d, unit="bytes")
         self.reconnects = CounterMetricFamily(
             "gblk_reconnects", "Times the frontend connected again after the first connection.", labels=d)
+        self.nbd_connected = GaugeMetricFamily(
+            "gblk_nbd_connected",
+            "NBD-served disks (image formats, nbd: exports): 1 while the NBD connection is up.",
+            labels=d)
+        self.nbd_reconnects = CounterMetricFamily(
+            "gblk_nbd_reconnects", "NBD connections made again after one broke (a local qemu-nbd "
+            "restarted first).", labels=d)
+        self.nbd_errors = CounterMetricFamily(
+            "gblk_nbd_connection_errors", "NBD connections lost, or reconnections that failed.",
+            labels=d)
+        self.nbd_lost = CounterMetricFamily(
+            "gblk_nbd_unflushed_lost", "Times the NBD server went away holding acknowledged "
+            "writes it had not flushed (the guest's next flush failed).", labels=d)
         self.notif_rx = CounterMetricFamily(
             "gblk_notifications_received", "Event-channel notifications received from the frontend.", labels=q)
         self.notif_tx = CounterMetricFamily(
@@ -191,7 +204,8 @@ class _Families:
             self.requests, self.bytes, self.duration, self.in_flight, self.pending, self.slots,
             self.halted, self.errors, self.grant_maps, self.grant_unmaps, self.grant_copy,
             self.pgrants, self.pgrants_limit, self.pgrant_evictions, self.batches, self.state,
-            self.connected, self.size, self.reconnects, self.notif_rx, self.notif_tx,
+            self.connected, self.size, self.reconnects, self.nbd_connected, self.nbd_reconnects,
+            self.nbd_errors, self.nbd_lost, self.notif_rx, self.notif_tx,
             self.xs_connections, self.xs_connected, self.watch_events, self.build,
         ]
 
@@ -293,6 +307,11 @@ class GblkCollector:
         fam.connected.add_metric(lab, 1 if dev.state == XENBUS_STATE_CONNECTED else 0)
         fam.size.add_metric(lab, dev.sectors * SECTOR_SIZE)
         fam.reconnects.add_metric(lab, dev.reconnects)
+        if dev.nbd_state:
+            fam.nbd_connected.add_metric(lab, 1 if dev.nbd_state == "connected" else 0)
+            fam.nbd_reconnects.add_metric(lab, dev.nbd_reconnects)
+            fam.nbd_errors.add_metric(lab, dev.nbd_connection_errors)
+            fam.nbd_lost.add_metric(lab, dev.nbd_unflushed_lost)
 
         for ring in live:
             qlab = lab + [str(ring.queue)]

@@ -158,6 +158,12 @@ class Connection:
         req.done = True
         req.wake.put(_DONE)
 
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait (a while) until no request is in flight here."""
+        deadline = time.monotonic() + timeout
+        while self._pending and self.broken is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def fail(self, e: OSError) -> None:
         """The connection is dead: every request in flight gets ``e``."""
         if self.broken is None:
@@ -280,6 +286,10 @@ class NbdStore(Store):
                 if self._closed:
                     raise OSError(errno.ESHUTDOWN, f"{self.describe}: closed") from None
                 conn.fail(e)
+                if conn is not self._conn and conn.broken is not None and \
+                        str(conn.broken) == "closed":
+                    conn = self._current(conn)  # retired (a resize): not an error
+                    continue
                 self.connection_errors += 1
                 self.last_error = str(conn.broken or e)
                 if attempt == RETRIES:
@@ -289,12 +299,33 @@ class NbdStore(Store):
 
     # -- the Store interface ----------------------------------------------------------
     def size(self) -> int:
-        if self._probe is not None:
+        """The export's size; a remote export's is asked on a new connection (NBD
+        tells a connection its size once, at the handshake)."""
+        if self._probe is None:
+            return self._size
+        try:
+            size = self._probe()
+        except OSError:
+            return self._size  # the IO path reports a server gone; the size stays
+        conn = self._conn
+        if size != self._size and conn is not None and conn.broken is None:
+            self._renew(conn)
+        self._size = size
+        return size
+
+    def _renew(self, old: Connection) -> None:
+        """The export changed size: new requests go over a new connection (the
+        server checks them against the size it told it); the old one is closed
+        once its requests in flight are answered."""
+        with self._lock:
+            if self._conn is not old:
+                return
             try:
-                self._size = self._probe()
-            except OSError:
-                pass  # the IO path reports a server gone; the size stays as it was
-        return self._size
+                self._open(False)
+            except Exception:  # noqa: BLE001 - the old connection serves on
+                return
+        old.drain()
+        old.close()
 
     def readv(self, views: Sequence[memoryview], offset: int) -> None:
         for chunk, off, n in self._chunks(views, offset):

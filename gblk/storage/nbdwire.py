@@ -14,7 +14,7 @@ import _socket
 import errno
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import StorageError
@@ -120,7 +120,7 @@ class Export:
 def connect(addr: Address, timeout: float) -> "_socket.socket":
     if addr.unix:
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        target: object = addr.unix
+        target: Any = addr.unix
     else:
         infos = _socket.getaddrinfo(addr.host, addr.port, 0, _socket.SOCK_STREAM)
         if not infos:

@@ -40,7 +40,7 @@ import shutil
 import signal
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 from ..errors import StorageError
 from . import nbdwire as w
