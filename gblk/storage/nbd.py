@@ -26,6 +26,7 @@ hang, while the server cannot be reached.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import itertools
 import time
@@ -42,6 +43,9 @@ RETRIES = 3
 #: after a failed reconnect, requests fail at once for this long (no connect storm)
 RECONNECT_BACKOFF = 1.0
 TRIM_CHUNK = 1 << 30
+#: a remote export's size is asked on a new connection (every few seconds: the
+#: device's resize check); how long that may take
+PROBE_TIMEOUT = 2.0
 
 
 class ReplyError(OSError):
@@ -214,6 +218,9 @@ class NbdStore(Store):
         self.connection_errors = 0
         self.last_error = ""
         self.lost_writes = 0
+        #: writes acknowledged so far and up to which of them a flush covered
+        #: (``next`` on a count is atomic: the threads need no lock)
+        self._gens = itertools.count(1)
         self._write_gen = 0
         self._flushed_gen = 0
         self._unflushed_lost = False
@@ -305,6 +312,12 @@ class NbdStore(Store):
             return self._size
         try:
             size = self._probe()
+        except (TimeoutError, _socket.timeout):  # the same class from Python 3.10 on
+            # it took the connection but not the handshake: a server that takes one
+            # client at a time (qemu-nbd's default --shared=1); stop asking
+            self._probe = None
+            self.last_error = "the server takes no second connection: resizes not noticed"
+            return self._size
         except OSError:
             return self._size  # the IO path reports a server gone; the size stays
         conn = self._conn
@@ -336,7 +349,7 @@ class NbdStore(Store):
             raise OSError(errno.EROFS, f"{self.describe} is read-only")
         for chunk, off, n in self._chunks(views, offset):
             self._call(w.CMD_WRITE, off, n, "write", data=chunk)
-        self._write_gen += 1
+        self._write_gen = next(self._gens)
 
     def _chunks(self, views: Sequence[memoryview], offset: int
                 ) -> List[Tuple[Sequence[memoryview], int, int]]:
@@ -382,7 +395,7 @@ class NbdStore(Store):
             n = min(TRIM_CHUNK, end - offset)
             self._call(cmd, offset, n, "discard")
             offset += n
-        self._write_gen += 1
+        self._write_gen = next(self._gens)
 
     def close(self) -> None:
         self._closed = True
@@ -408,7 +421,7 @@ def remote_store(uri: str, readonly: bool, connect_timeout: float = 10.0,
         return open_connection(addr, connect_timeout, io_timeout)
 
     def probe() -> int:
-        s = w.connect(addr, connect_timeout)
+        s = w.connect(addr, PROBE_TIMEOUT)
         try:
             return w.handshake(s, addr.export, info_only=True).size
         finally:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -129,6 +130,22 @@ def test_demo_reports_a_refused_image(child_env, tmp_path):
     assert time.monotonic() - started < 50
     s = json.loads(p.stdout.strip().splitlines()[-1])
     assert not s["ok"] and "qcow2" in s["error"]
+    assert not os.path.exists(sim_dir(p.stdout))
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-utils")
+@pytest.mark.parametrize("fmt,driver", [("qcow2", "qcow2"), ("vhd", "vpc")])
+def test_demo_serves_image_formats(child_env, tmp_path, fmt, driver):
+    """``--image disk.qcow2 --format qcow2`` (and vhd): a scratch copy served through
+    qemu-nbd, the verified workload without an error, the image itself untouched."""
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", driver, str(image), "64M"], check=True)
+    before = sha256(image)
+    p = run_demo(["--json", "--seconds", "2", "--image", str(image), "--format", fmt], child_env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    assert s["ok"] and s["errors"] == 0 and s["mismatches"] == 0 and s["requests"] > 0
+    assert sha256(image) == before
     assert not os.path.exists(sim_dir(p.stdout))
 
 
