@@ -21,6 +21,13 @@ the guest verifies for real (reads compared byte for byte with the image file,
 writes of a distinct pattern per block found in the file). Exit 1 if any request
 failed or any check did; 2 on a usage error.
 
+``--format qcow2`` (or ``raw,qcow2``: both, one after the other) serves the disk as a
+qcow2 image through the qemu-nbd gblk runs (``gblk.storage.qemunbd``): the same
+random data in a qcow2 preallocated in one extent (``preallocation=metadata``), so the
+guest still verifies against the file (past the metadata) and fio runs on the raw file
+with the same data: the ratio of a qcow2 row is what qcow2 through NBD costs against
+the raw file.
+
 The image is written with random data (no holes) and kept resident (mlock of a
 mapping of it) so that both sides measure the page cache, not the disk: this kind of
 machine evicts page cache within seconds.
@@ -87,9 +94,11 @@ GRANT_PATHS: Dict[str, Tuple[str, bool]] = {
     "map": ("map", False),
     "copy": ("copy", False),
 }
+#: image formats the bench serves
+FORMATS = ("raw", "qcow2")
 #: keys every JSON row carries
 ROW_KEYS = (
-    "job", "grant_path", "bs", "qd", "qd_effective", "iops", "mib_per_s", "raw_iops",
+    "job", "grant_path", "format", "bs", "qd", "qd_effective", "iops", "mib_per_s", "raw_iops",
     "raw_mib_per_s", "ratio", "fio_engine", "raw_cpu_us_per_request", "raw_lat_p50_us",
     "raw_lat_p99_us", "backend_cpu_us_per_request", "frontend_cpu_us_per_request",
     "lat_p50_us", "lat_p99_us", "requests", "ring_requests_per_io", "seconds", "errors",
@@ -123,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grant-mode", default=",".join(GRANT_PATHS),
                    help="page paths, comma-separated subset of: " + ", ".join(GRANT_PATHS)
                    + " (default all)")
+    p.add_argument("--format", default="raw",
+                   help="image formats, comma-separated subset of: " + ", ".join(FORMATS)
+                   + " (default raw; qcow2 needs qemu-utils)")
     p.add_argument("--image-dir", default=None,
                    help="directory of the image (default: a new one under the temporary directory, TMPDIR or /tmp); "
                         "a regular file system: tmpfs refuses the daemon's RWF_NOWAIT reads")
@@ -153,6 +165,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[
     args = p.parse_args(argv)
     names = _pick(args.jobs, JOB_NAMES, "job")
     paths = _pick(args.grant_mode, list(GRANT_PATHS), "grant mode")
+    args.formats = _pick(args.format, FORMATS, "format")
+    if "qcow2" in args.formats and not (shutil.which("qemu-img") and shutil.which("qemu-nbd")):
+        raise Usage("--format qcow2 needs qemu-img and qemu-nbd (apt-get install qemu-utils)")
     if not args.seconds > 0:
         raise Usage(f"--seconds must be positive, not {args.seconds:g}")
     if args.size < 16:
@@ -356,6 +371,38 @@ def _round(v: Optional[float], nd: int = 1) -> Optional[float]:
     return None if v is None else round(v, nd)
 
 
+class Qcow2Image(ResidentImage):
+    """A qcow2 image holding the raw image's data, preallocated in one extent (its data
+    starts at ``data_offset`` of the file), mapped and mlocked like the raw one."""
+
+    def __init__(self, raw: ResidentImage, path: str) -> None:
+        self.path = path
+        self.size = raw.size
+        self._addr = None
+        self.locked = False
+        self.lock_error = ""
+        run = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                              "preallocation=metadata", path, str(raw.size)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            raise Failure(f"qemu-img create: {run.stderr.strip()}")
+        out = subprocess.run(["qemu-img", "map", "--output=json", path],
+                             capture_output=True, text=True, check=True).stdout
+        extents = json.loads(out)
+        if len(extents) != 1 or "offset" not in extents[0]:
+            raise Failure(f"{path}: qemu-img did not preallocate one extent: {out[:200]}")
+        self.data_offset = int(extents[0]["offset"])
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        pos = 0
+        while pos < raw.size:
+            chunk = os.pread(raw.fd, 4 * MiB, pos)
+            os.pwrite(self.fd, chunk, self.data_offset + pos)
+            pos += len(chunk)
+        os.fsync(self.fd)
+        self.size = os.fstat(self.fd).st_size
+        self._lock()
+
+
 def _write_config(dir: str, path: str, direct: bool) -> str:
     mode, _ = GRANT_PATHS[path]
     cfg = os.path.join(dir, f"bench-{path}.toml")
@@ -376,8 +423,9 @@ def _check_alive(host: Any) -> None:
 
 def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
              args: argparse.Namespace, warmup: float, raws: Dict[str, Optional[Raw]],
-             py: Dict[str, Optional[float]], notes: List[str]) -> List[Dict[str, Any]]:
-    """One daemon with this page path, one guest, every job."""
+             py: Dict[str, Optional[float]], notes: List[str], fmt: str = "raw"
+             ) -> List[Dict[str, Any]]:
+    """One daemon with this page path, one guest on ``image`` in format ``fmt``, every job."""
     import gevent
 
     from .blkif.const import SECTOR_SIZE
@@ -397,7 +445,7 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
     bg = None
     try:
         # one queue: a one-vCPU guest's blkfront (the bench guest drives queue 0)
-        guest = host.create_guest(image=image.path, options=FrontendOptions(
+        guest = host.create_guest(image=image.path, format=fmt, options=FrontendOptions(
             persistent=persistent, max_queues=1, initial_zero=False))
         fe = guest.frontend
         if fe.persistent != persistent:
@@ -409,6 +457,7 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
                          f"{connected[-1].strip()}")
         disk_sectors = fe.disk.sectors
         bg = BenchGuest(fe, [(j.bs, j.qd) for j in jobs])
+        bg.data_offset = getattr(image, "data_offset", 0)
         pid = host.backend.pid
         for job in jobs:
             _check_alive(host)
@@ -446,7 +495,7 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
                 fe_us * iops / 1e6 >= GUEST_LIMIT_CORE or (be is not None and fe_us > be)))
             raw = raws.get(job.name)
             row: Dict[str, Any] = {
-                "job": job.name, "grant_path": path, "bs": job.bs, "qd": job.qd,
+                "job": job.name, "grant_path": path, "format": fmt, "bs": job.bs, "qd": job.qd,
                 "qd_effective": qd_eff,
                 "iops": round(iops, 1), "mib_per_s": round(iops * job.bs / MiB, 2),
                 "raw_iops": None if raw is None else round(raw.iops, 1),
@@ -474,7 +523,7 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
                 "py_iops": _round(py.get(job.name)),
             }
             rows.append(row)
-            _say(f"  {path:<10} {job.name:<18} {iops:9.0f} IOPS  daemon {_fmt(be, 7)} us/req  "
+            _say(f"  {_label(path, fmt):<16} {job.name:<18} {iops:9.0f} IOPS  daemon {_fmt(be, 7)} us/req  "
                  f"guest {_fmt(fe_us, 7)} us/req  errors {row['errors']}  "
                  f"verified {checked - failures}/{checked}")
     finally:
@@ -503,15 +552,19 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
 
 
 # -- output ------------------------------------------------------------------------------------
+def _label(path: str, fmt: str) -> str:
+    return path if fmt == "raw" else f"{path}/{fmt}"
+
+
 def _fmt(v: Optional[float], width: int, nd: int = 1) -> str:
     return f"{'-':>{width}}" if v is None else f"{v:{width}.{nd}f}"
 
 
 def table(rows: Sequence[Dict[str, Any]]) -> str:
-    head = (f"{'job':<18} {'path':<10} {'IOPS':>9} {'MiB/s':>8} {'fio IOPS':>9} {'MiB/s':>8} "
+    head = (f"{'job':<18} {'path':<16} {'IOPS':>9} {'MiB/s':>8} {'fio IOPS':>9} {'MiB/s':>8} "
             f"{'ratio':>6} {'daemon':>7} {'guest':>7} {'p50':>8} {'p99':>8} {'err':>4} "
             f"{'fio engine':<11}")
-    unit = (f"{'':<18} {'':<10} {'':>9} {'':>8} {'':>9} {'':>8} {'':>6} {'us/req':>7} "
+    unit = (f"{'':<18} {'':<16} {'':>9} {'':>8} {'':>9} {'':>8} {'':>6} {'us/req':>7} "
             f"{'us/req':>7} {'us':>8} {'us':>8}")
     py = any(r.get("py_iops") is not None for r in rows)
     if py:
@@ -520,7 +573,7 @@ def table(rows: Sequence[Dict[str, Any]]) -> str:
     for r in rows:
         err = r["errors"] + r["verify_failures"]
         lines.append(
-            f"{r['job']:<18} {r['grant_path']:<10} {r['iops']:9.0f} {r['mib_per_s']:8.1f} "
+            f"{r['job']:<18} {_label(r['grant_path'], r.get('format', 'raw')):<16} {r['iops']:9.0f} {r['mib_per_s']:8.1f} "
             f"{_fmt(r['raw_iops'], 9, 0)} {_fmt(r['raw_mib_per_s'], 8)} {_fmt(r['ratio'], 6, 3)} "
             f"{_fmt(r['backend_cpu_us_per_request'], 7)} "
             f"{_fmt(r['frontend_cpu_us_per_request'], 7)} {_fmt(r['lat_p50_us'], 8)} "
@@ -568,6 +621,7 @@ def _run_on(host: Any, image_dir: str, args: argparse.Namespace, jobs: List[Job]
     image_path = os.path.join(image_dir, f"gblk-bench-{os.getpid()}.img")
     _say(f"gblk bench: writing a {args.size} MiB image in {image_dir} ({kind or '?'})")
     image = ResidentImage(image_path, size)
+    qcow: Optional[Qcow2Image] = None
     try:
         if not image.locked:
             _say(f"gblk bench: warning: could not mlock the image ({image.lock_error}): "
@@ -591,12 +645,21 @@ def _run_on(host: Any, image_dir: str, args: argparse.Namespace, jobs: List[Job]
                 py[job.name] = run_py_raw(image.path, job, size, args.seconds)
         if fio is not None and any(j.writes for j in jobs):
             os.fsync(image.fd)
-        for path in paths:
-            try:
-                rows += run_path(host, path, image, jobs, args, warmup, raws, py, notes)
-            except GblkError as e:
-                raise Failure(f"{path}: {e}") from None
+        for fmt in args.formats:
+            served: ResidentImage = image
+            if fmt == "qcow2":
+                _say("gblk bench: copying the data into a qcow2 image")
+                qcow = Qcow2Image(image, image_path + ".qcow2")
+                served = qcow
+            for path in paths:
+                try:
+                    rows += run_path(host, path, served, jobs, args, warmup, raws, py, notes, fmt)
+                except GblkError as e:
+                    raise Failure(f"{path}: {e}") from None
     finally:
+        if qcow is not None:
+            qcow.close()
+            os.unlink(qcow.path)
         image.close()
         if args.image_dir:
             try:
@@ -642,6 +705,9 @@ def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
     print("the bench guest drives ring 0 only (one queue negotiated, as a one-vCPU guest)")
     if not fio:
         print("note: --no-fio: no raw side, ratio is null")
+    if any(r["format"] != "raw" for r in rows):
+        print("note: qcow2 rows: 'daemon' is gblk's CPU only; qemu-nbd's own CPU per request "
+              "comes on top (the ratio is the whole cost)")
     limited = [f"{r['grant_path']}/{r['job']}" for r in rows if r["guest_limited"]]
     if limited:
         print("note: guest-limited (the guest used >= 90% of a CPU or more CPU per request "

@@ -202,6 +202,9 @@ class BenchGuest:
         if not frontend.connected or not frontend.queues:
             raise BenchError("the frontend is not connected")
         self.fe = frontend
+        #: where the disk's first byte is in the image file verify_* read (a qcow2
+        #: image preallocated in one extent: past its metadata)
+        self.data_offset = 0
         self.queue = frontend.queues[0]
         self.queue.stop()  # its greenlet no longer takes responses: we do
         self.ring: FrontRing = self.queue.ring
@@ -434,7 +437,7 @@ class BenchGuest:
             w = self.run(bs, qd, [int(Op.READ)] * len(batch), batch, limit=len(batch))
             failures += w.errors + w.violations
             for slot, sector in enumerate(batch):
-                want = os.pread(image_fd, bs, sector * SECTOR_SIZE)
+                want = os.pread(image_fd, bs, self.data_offset + sector * SECTOR_SIZE)
                 got = b"".join(bytes(self.memory.page(f)) for f in plan.frames[slot])
                 if got != want:
                     failures += 1
@@ -459,7 +462,7 @@ class BenchGuest:
             w = self.run(bs, qd, [int(Op.WRITE)] * len(batch), batch, limit=len(batch))
             failures += w.errors + w.violations
             for sector, data in zip(batch, patterns):
-                if os.pread(image_fd, bs, sector * SECTOR_SIZE) != data:
+                if os.pread(image_fd, bs, self.data_offset + sector * SECTOR_SIZE) != data:
                     failures += 1
                 checked += 1
         c, f = self.verify_reads(image_fd, bs, qd, sectors)

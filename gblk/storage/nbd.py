@@ -152,8 +152,7 @@ class Connection:
             req.error = ReplyError(e.errno, e.strerror)
         elif req.views is not None:
             try:
-                for v in req.views:
-                    w.recv_into_exact(self.sock, v)  # type: ignore[arg-type]
+                w.recv_views(self.sock, req.views)  # type: ignore[arg-type]
             except OSError as e:
                 req.error = e
                 req.done = True

@@ -154,6 +154,21 @@ def recv_into_exact(s: "_socket.socket", view: memoryview) -> None:
         got += k
 
 
+def recv_views(s: "_socket.socket", views: Sequence[memoryview]) -> None:
+    """Fill every view, in order, with as few recvmsg_into calls as the data allows
+    (one per arrival, not one per page)."""
+    pending = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
+    while pending:
+        n = s.recvmsg_into(pending[:1024])[0]
+        if n == 0:
+            raise ProtocolError("the server closed the connection")
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+
+
 def send_all(s: "_socket.socket", parts: Sequence[object]) -> None:
     """sendmsg until every byte of ``parts`` went (header and data in one call)."""
     pending: List[memoryview] = [memoryview(p) for p in parts]  # type: ignore[arg-type]
