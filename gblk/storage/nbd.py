@@ -30,7 +30,7 @@ import _socket
 import errno
 import itertools
 import time
-from _queue import SimpleQueue
+from _queue import Empty, SimpleQueue
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import nbdwire as w
@@ -43,6 +43,8 @@ RETRIES = 3
 #: after a failed reconnect, requests fail at once for this long (no connect storm)
 RECONNECT_BACKOFF = 1.0
 TRIM_CHUNK = 1 << 30
+#: why a connection closed by gblk itself is unusable
+CLOSED = "closed"
 #: a remote export's size is asked on a new connection (every few seconds: the
 #: device's resize check); how long that may take
 PROBE_TIMEOUT = 2.0
@@ -50,6 +52,18 @@ PROBE_TIMEOUT = 2.0
 
 class ReplyError(OSError):
     """The server answered the request with an error (the connection is fine)."""
+
+
+class ConnectionLost(OSError):
+    """The connection broke before the request was answered (it may be sent again).
+
+    Exceptions are made afresh for every caller and never kept: a kept one's
+    traceback would keep its frames' slices of guest pages alive (their grants then
+    could not be unmapped), and one object raised in several threads at once would
+    have its traceback rewritten under it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPIPE, message)
 
 
 class _Token:
@@ -64,7 +78,7 @@ class _Token:
     def acquire(self, blocking: bool = True) -> bool:
         try:
             self._q.get(blocking)
-        except Exception:  # queue.Empty (the C module has no importable name for it)
+        except Empty:
             return False
         return True
 
@@ -86,7 +100,8 @@ class _Req:
         self.cookie = cookie
         self.views = views
         self.done = False
-        self.error: Optional[OSError] = None
+        #: (answered by the server, errno, message), or None
+        self.error: Optional[Tuple[bool, int, str]] = None
         self.wake: SimpleQueue = SimpleQueue()
 
 
@@ -96,7 +111,8 @@ class Connection:
     def __init__(self, sock: object, export: w.Export) -> None:
         self.sock = sock
         self.export = export
-        self.broken: Optional[OSError] = None
+        #: why the connection is unusable ("closed" after close), or None
+        self.broken: Optional[str] = None
         self._send = _Token()
         self._reader = _Token()
         self._pending: Dict[int, _Req] = {}
@@ -109,7 +125,7 @@ class Connection:
         self._pending[req.cookie] = req
         if self.broken is not None:
             self._pending.pop(req.cookie, None)
-            raise self.broken
+            raise ConnectionLost(self.broken)
         try:
             with self._send:
                 w.send_all(self.sock, [w.request(cmd, req.cookie, offset, length, flags),  # type: ignore[arg-type]
@@ -118,9 +134,10 @@ class Connection:
             self.fail(e)
         self._wait(req)
         if req.error is not None:
-            if isinstance(req.error, ReplyError):
-                raise ReplyError(req.error.errno, f"{what}: {req.error.strerror}")
-            raise req.error
+            answered, code, message = req.error
+            if answered:
+                raise ReplyError(code, f"{what}: {message}")
+            raise ConnectionLost(message)
 
     def _wait(self, me: _Req) -> None:
         while not me.done:
@@ -149,12 +166,12 @@ class Connection:
             raise w.ProtocolError(f"a reply for cookie {cookie}, which is not in flight")
         if error:
             e = w.reply_error(error, "the request")
-            req.error = ReplyError(e.errno, e.strerror)
+            req.error = (True, e.errno or errno.EIO, e.strerror or "failed")
         elif req.views is not None:
             try:
                 w.recv_views(self.sock, req.views)  # type: ignore[arg-type]
             except OSError as e:
-                req.error = e
+                req.error = (False, errno.EPIPE, _why(e))
                 req.done = True
                 req.wake.put(_DONE)
                 raise
@@ -168,9 +185,9 @@ class Connection:
             time.sleep(0.005)
 
     def fail(self, e: OSError) -> None:
-        """The connection is dead: every request in flight gets ``e``."""
+        """The connection is dead: every request in flight fails (ConnectionLost)."""
         if self.broken is None:
-            self.broken = e if not isinstance(e, ReplyError) else w.ProtocolError(str(e))
+            self.broken = _why(e)
             try:
                 self.sock.shutdown(2)  # type: ignore[attr-defined]
             except OSError:
@@ -178,7 +195,7 @@ class Connection:
         for cookie in list(self._pending):
             r = self._pending.pop(cookie, None)
             if r is not None and not r.done:
-                r.error = self.broken
+                r.error = (False, errno.EPIPE, self.broken)
                 r.done = True
                 r.wake.put(_DONE)
 
@@ -189,8 +206,12 @@ class Connection:
                     w.send_all(self.sock, [w.request(w.CMD_DISC, 0, 0, 0)])  # type: ignore[arg-type]
             except OSError:
                 pass
-        self.fail(w.ProtocolError("closed"))
+        self.fail(w.ProtocolError(CLOSED))
         self.sock.close()  # type: ignore[attr-defined]
+
+
+def _why(e: OSError) -> str:
+    return e.strerror if isinstance(e, w.ProtocolError) and e.strerror else str(e)
 
 
 #: opens a new connection: (socket, export) in the transmission phase; ``fresh``:
@@ -292,12 +313,11 @@ class NbdStore(Store):
                 if self._closed:
                     raise OSError(errno.ESHUTDOWN, f"{self.describe}: closed") from None
                 conn.fail(e)
-                if conn is not self._conn and conn.broken is not None and \
-                        str(conn.broken) == "closed":
+                if conn is not self._conn and conn.broken == CLOSED:
                     conn = self._current(conn)  # retired (a resize): not an error
                     continue
                 self.connection_errors += 1
-                self.last_error = str(conn.broken or e)
+                self.last_error = conn.broken or _why(e)
                 if attempt == RETRIES:
                     raise OSError(errno.EIO, f"{self.describe}: {what}: connection lost: "
                                   f"{self.last_error}") from None

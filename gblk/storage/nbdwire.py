@@ -157,29 +157,60 @@ def recv_into_exact(s: "_socket.socket", view: memoryview) -> None:
 def recv_views(s: "_socket.socket", views: Sequence[memoryview]) -> None:
     """Fill every view, in order, with as few recvmsg_into calls as the data allows
     (one per arrival, not one per page)."""
-    pending = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in views]
-    while pending:
-        n = s.recvmsg_into(pending[:1024])[0]
-        if n == 0:
-            raise ProtocolError("the server closed the connection")
-        while pending and n >= len(pending[0]):
-            n -= len(pending[0])
-            pending.pop(0)
-        if n:
-            pending[0] = pending[0][n:]
+    made: List[memoryview] = []  # views derived here: released, also on error
+    pending = [_flat(v, made) for v in views]
+    try:
+        while pending:
+            n = s.recvmsg_into(pending[:1024])[0]
+            if n == 0:
+                raise ProtocolError("the server closed the connection")
+            while pending and n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            if n:
+                pending[0] = pending[0][n:]
+                made.append(pending[0])
+    finally:
+        pending.clear()
+        for v in made:
+            v.release()
+
+
+def _flat(v: memoryview, made: List[memoryview]) -> memoryview:
+    """``v`` as unsigned bytes in one dimension (a derived view goes into ``made``).
+    A derived view of a guest page that outlived the call (kept by a traceback)
+    would keep the page's grant from being unmapped."""
+    if v.format == "B" and v.ndim == 1:
+        return v
+    f = v.cast("B")
+    made.append(f)
+    return f
 
 
 def send_all(s: "_socket.socket", parts: Sequence[object]) -> None:
     """sendmsg until every byte of ``parts`` went (header and data in one call)."""
-    pending: List[memoryview] = [memoryview(p) for p in parts]  # type: ignore[arg-type]
-    pending = [p.cast("B") if p.format != "B" or p.ndim != 1 else p for p in pending]
-    while pending:
-        n = s.sendmsg(pending[:1024])
-        while pending and n >= len(pending[0]):
-            n -= len(pending[0])
-            pending.pop(0)
-        if n:
-            pending[0] = pending[0][n:]
+    made: List[memoryview] = []
+    pending: List[memoryview] = []
+    for p in parts:
+        if isinstance(p, memoryview):
+            pending.append(_flat(p, made))
+        else:
+            m = memoryview(p)  # type: ignore[arg-type]
+            made.append(m)
+            pending.append(_flat(m, made))
+    try:
+        while pending:
+            n = s.sendmsg(pending[:1024])
+            while pending and n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            if n:
+                pending[0] = pending[0][n:]
+                made.append(pending[0])
+    finally:
+        pending.clear()
+        for v in reversed(made):
+            v.release()
 
 
 def _option(s: "_socket.socket", opt: int, data: bytes) -> None:

@@ -129,8 +129,9 @@ class QemuNbd:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if not self.alive():
-                raise StorageError(f"qemu-nbd refused {self.fmt} image {self.path}: "
-                                   f"{self.output() or self.last_exit}")
+                why = self.output() or self.last_exit
+                self.stop()  # its socket, pid file and log go
+                raise StorageError(f"qemu-nbd refused {self.fmt} image {self.path}: {why}")
             if os.path.exists(self.socket):
                 try:
                     s, _ = self.connect()
@@ -139,9 +140,10 @@ class QemuNbd:
                 except (OSError, StorageError):
                     pass
             if time.monotonic() > deadline:
+                why = self.output()
                 self.stop()
                 raise StorageError(f"qemu-nbd did not start serving {self.path} within "
-                                   f"{START_TIMEOUT:g}s: {self.output()}")
+                                   f"{START_TIMEOUT:g}s: {why}")
             time.sleep(0.02)
 
     def connect(self) -> Tuple[object, w.Export]:
@@ -159,6 +161,15 @@ class QemuNbd:
         self.last_exit = _status(status)
         self._forget()
         return False
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Whether the server is (or within ``timeout`` seconds became) dead."""
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def ensure(self) -> None:
         """Before a new connection after a broken one: restart a dead server."""
@@ -284,10 +295,18 @@ def servers() -> List[QemuNbd]:
 def image_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> NbdStore:
     srv = _acquire(fmt, path, readonly, direct)
     def connector(fresh: bool) -> Tuple[object, w.Export]:
-        if fresh:
-            with srv.lock:
+        if not fresh:
+            return srv.connect()
+        with srv.lock:
+            srv.ensure()
+            try:
+                return srv.connect()
+            except OSError:
+                # the connection broke as it died: it may not be reaped yet
+                if not srv.wait_exit(STOP_TIMEOUT):
+                    raise
                 srv.ensure()
-        return srv.connect()
+                return srv.connect()
 
     try:
         store = NbdStore(connector, readonly, f"{fmt} image {path} (qemu-nbd)",
