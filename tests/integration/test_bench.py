@@ -88,3 +88,20 @@ def test_bench_without_fio_says_how_to_get_it(child_env):
     assert p.returncode == 1, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "apt-get install fio" in lines[0] and "--no-fio" in lines[0]
+
+
+def test_bench_qcow2_beside_raw(child_env):
+    """``--format raw,qcow2``: the same job on the raw image and on a qcow2 image with
+    the same data through qemu-nbd, each verified, each beside fio on the raw file."""
+    require_tool("fio", "fio")
+    require_tool("qemu-nbd", "qemu-utils")
+    p = run_bench(["--seconds", "0.3", "--size", "16", "--jobs", "randwrite-4k-qd32",
+                   "--grant-mode", "persistent", "--format", "raw,qcow2", "--json"], child_env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [(r["format"], r["job"]) for r in rows] == [("raw", "randwrite-4k-qd32"),
+                                                      ("qcow2", "randwrite-4k-qd32")]
+    for r in rows:
+        assert r["errors"] == 0 and r["verify_failures"] == 0 and r["verified"] > 0, r
+        assert r["raw_iops"] > 0 and r["iops"] > 0
+    assert "persistent/qcow2" in p.stdout
