@@ -94,11 +94,13 @@ class _Token:
 
 
 class _Req:
-    __slots__ = ("cookie", "views", "done", "error", "wake")
+    __slots__ = ("cookie", "views", "sent", "done", "error", "wake")
 
     def __init__(self, cookie: int, views: Optional[Sequence[memoryview]]) -> None:
         self.cookie = cookie
         self.views = views
+        #: all of it went to the server: its thread waits for the reply (or reads)
+        self.sent = False
         self.done = False
         #: (answered by the server, errno, message), or None
         self.error: Optional[Tuple[bool, int, str]] = None
@@ -132,6 +134,7 @@ class Connection:
                                        *data])
         except OSError as e:
             self.fail(e)
+        req.sent = True
         self._wait(req)
         if req.error is not None:
             answered, code, message = req.error
@@ -154,8 +157,11 @@ class Connection:
             me.wake.get()  # _DONE: answered; _LEAD: the reader left, take over
 
     def _hand_over(self) -> None:
+        """Wake a thread whose request was sent to read next. Not one still sending:
+        it may be blocked in sendmsg by a server blocked on replies nobody reads.
+        (A thread that finishes sending after this scan finds the token free.)"""
         for r in list(self._pending.values()):
-            if not r.done:
+            if r.sent and not r.done:
                 r.wake.put(_LEAD)
                 return
 

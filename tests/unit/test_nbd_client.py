@@ -125,6 +125,32 @@ def test_many_requests_in_flight_from_threads(nbdkit) -> None:
 
 
 @needs_nbdkit
+def test_large_requests_both_ways_do_not_deadlock(nbdkit) -> None:
+    """16 threads of 1 MiB writes and reads at once: more than the socket buffers hold
+    both ways, so a thread blocked sending must never be the only one meant to read
+    (the server stops reading while its replies wait)."""
+    s = remote_store(nbdkit("memory", "64M"), readonly=False)
+    pool = ThreadPool(16)
+
+    def worker(k: int) -> bool:
+        data = pattern(MiB, k)
+        for j in range(4):
+            off = (k * 4 + j) * MiB  # 15 threads x 4: 60 distinct MiB
+            s.writev([memoryview(data)], off)
+            out = bytearray(MiB)
+            s.readv([memoryview(out)], off)
+            assert bytes(out) == data
+        return True
+
+    try:
+        assert all(pool.spawn(worker, k).get(timeout=60) for k in range(15))
+        assert s.connection_errors == 0  # a stall would have ended in the IO timeout
+    finally:
+        pool.kill()
+        s.close()
+
+
+@needs_nbdkit
 def test_request_longer_than_the_server_takes(nbdkit) -> None:
     """A request over the export's maximum payload goes as several."""
     s = remote_store(nbdkit("memory", "16M"), readonly=False)
