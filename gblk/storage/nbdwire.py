@@ -66,6 +66,11 @@ MAX_OPT_REPLY = 64 * 1024
 #: a request's payload is at most this (the spec's advice: servers take 32 MiB)
 MAX_PAYLOAD = 32 * 1024 * 1024
 DEFAULT_PORT = 10809
+#: most views one recvmsg_into fills (a socket hands over less than this many pages
+#: per call anyway; a longer list costs Python work per call)
+RECV_IOVECS = 64
+#: socket buffers asked for: a 1 MiB read or write in few system calls
+SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class ProtocolError(OSError):
@@ -129,6 +134,11 @@ def connect(addr: Address, timeout: float) -> "_socket.socket":
         s = _socket.socket(fam, typ, proto)
     try:
         s.settimeout(timeout)
+        for opt in (_socket.SO_SNDBUF, _socket.SO_RCVBUF):
+            try:
+                s.setsockopt(_socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass  # capped by net.core.*mem_max: what the kernel gives
         s.connect(target)
         if not addr.unix:
             s.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
@@ -159,17 +169,18 @@ def recv_views(s: "_socket.socket", views: Sequence[memoryview]) -> None:
     (one per arrival, not one per page)."""
     made: List[memoryview] = []  # views derived here: released, also on error
     pending = [_flat(v, made) for v in views]
+    i = 0
     try:
-        while pending:
-            n = s.recvmsg_into(pending[:1024])[0]
+        while i < len(pending):
+            n = s.recvmsg_into(pending[i:i + RECV_IOVECS])[0]
             if n == 0:
                 raise ProtocolError("the server closed the connection")
-            while pending and n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
+            while i < len(pending) and n >= len(pending[i]):
+                n -= len(pending[i])
+                i += 1
             if n:
-                pending[0] = pending[0][n:]
-                made.append(pending[0])
+                pending[i] = pending[i][n:]
+                made.append(pending[i])
     finally:
         pending.clear()
         for v in made:
