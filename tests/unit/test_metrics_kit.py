@@ -24,10 +24,11 @@ KIT = Path(__file__).resolve().parents[2] / "monitoring"
 NAME = re.compile(r"(?<![:\w])gblk_[a-z0-9_]*[a-z0-9](?![\w:])")
 
 
-def _scrape() -> List[object]:
-    """The families of one full scrape (a device with a ring)."""
+def _scrape(nbd: str = "connected") -> List[object]:
+    """The families of one full scrape (a device with a ring, served over NBD unless
+    ``nbd`` is "")."""
     stats = DaemonStats()
-    dev = DeviceStats(domain=1, device=51712, kind="vbd")
+    dev = DeviceStats(domain=1, device=51712, kind="vbd", nbd_state=nbd)
     dev.rings[0] = RingStats()
     stats.devices[(1, "vbd", 51712)] = dev
     reg = CollectorRegistry()
@@ -94,6 +95,18 @@ def test_readme_documents_every_exported_family() -> None:
     assert not missing, f"README lacks: {missing}"
     unknown = documented - _exported()
     assert not unknown, f"README names metrics gblk does not export: {sorted(unknown)}"
+
+
+def test_nbd_families_only_for_nbd_disks() -> None:
+    """gblk_nbd_* series exist for a disk served over NBD (connected: 1, reconnecting:
+    0) and not for a raw one."""
+    def nbd_samples(state: str) -> dict:
+        return {smp.name: smp.value for fam in _scrape(state)  # type: ignore[attr-defined]
+                for smp in fam.samples if smp.name.startswith("gblk_nbd_")}
+    assert nbd_samples("") == {}
+    up = nbd_samples("connected")
+    assert up["gblk_nbd_connected"] == 1 and "gblk_nbd_reconnects_total" in up
+    assert nbd_samples("reconnecting")["gblk_nbd_connected"] == 0
 
 
 def test_every_alert_has_a_promtool_test() -> None:
