@@ -29,6 +29,7 @@ from .config import Config
 from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
+from .engine import crashpoints
 from .engine.control import ControlPool
 from .engine.stats import DaemonStats
 from .errors import ConfigError, GblkError
@@ -80,6 +81,7 @@ class Daemon:
         cfg = self.config
         # a bad web configuration is a configuration error: before anything else
         web = self._web_config(cfg) if cfg.metrics.enabled else None
+        _arm_crashpoints(cfg)
         if self.host is None:
             self.host = make_host(cfg)
         host = self.host
@@ -114,7 +116,7 @@ class Daemon:
             host=host, xs=self.xs, pool=hub.threadpool, control=self.control_pool,
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
-            backend_domid=host.domid,
+            backend_domid=host.domid, journal_dir=_journal_dir(cfg),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()
@@ -317,6 +319,35 @@ class Daemon:
         if not applied and not not_applied and not web_changed:
             log.info("reloaded: nothing changed")
         self.notifier.ready(status="serving")
+
+
+def _arm_crashpoints(cfg: Config) -> None:
+    """The test-only kill hook (gblk.engine.crashpoints): on the simulated host only."""
+    spec = os.environ.get(crashpoints.ENV)
+    if not spec:
+        return
+    if cfg.daemon.sim_dir is None:
+        raise ConfigError(f"{crashpoints.ENV} is set: a test hook that kills gblk on purpose; "
+                          "refusing to serve a real Xen host with it (unset it)")
+    try:
+        crashpoints.arm(crashpoints.parse(spec))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    log.warning("test hook %s=%s armed: this process kills itself on purpose",
+                crashpoints.ENV, spec)
+
+
+def _journal_dir(cfg: Config) -> Optional[str]:
+    """``rings/`` beside the control socket (``/run/gblk/rings``): the ring journals
+    (gblk.engine.journal). None, with a warning, when it cannot be made."""
+    path = os.path.join(os.path.dirname(cfg.control.socket), "rings")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        log.warning("no ring journals in %s (%s): a gblk killed while publishing responses "
+                    "stalls those rings until the guest reconnects", path, e.strerror or e)
+        return None
+    return path
 
 
 def _fingerprint(web: Any) -> bytes:
