@@ -96,19 +96,6 @@ class Daemon:
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
-        if cfg.metrics.enabled:
-            from .metrics.collector import make_registry
-            from .metrics.exporter import MetricsServer
-            from .metrics.health import stats_health
-
-            self.metrics = MetricsServer(cfg.metrics.address, make_registry(self.stats),
-                                         stats_health(self.stats), web=web)
-            try:
-                self.metrics.start()
-            except GblkError as e:
-                self.metrics_error = str(e)
-                log.warning("%s; serving disks without metrics, retrying the bind", e)
-                self._greenlets.append(gevent.spawn(self._retry_metrics))
         # the control plane's blocking calls get threads of their own (and a deadline):
         # a store whose open hangs holds one of them, never one of the IO threads
         self.control_pool = ControlPool(cfg.backend.control_threads, cfg.backend.control_timeout)
@@ -120,12 +107,41 @@ class Daemon:
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()
+        # the disks first: after a restart their guests wait, so metrics and the
+        # control socket (imports, binds) come once each disk found now is served
+        self._settle(ctx.stop_timeout)
+        if cfg.metrics.enabled:
+            self._start_metrics(web)
         if cfg.control.enabled:
             self._start_control()
         self._greenlets.append(gevent.spawn(self._housekeeping))
         log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
                  cfg.daemon.xen, host.domid,
                  f", metrics on {self.metrics_url()}" if self.metrics_url() else "")
+
+    def _settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every disk the bus found has had its first
+        look: taken over and serving, waiting for its frontend, or failed."""
+        deadline = time.monotonic() + timeout
+        bus = self.bus
+        while bus is not None and time.monotonic() < deadline:
+            if all(d.settled for d in list(bus.devices.values())):
+                return
+            gevent.sleep(0.002)
+
+    def _start_metrics(self, web: Any) -> None:
+        from .metrics.collector import make_registry
+        from .metrics.exporter import MetricsServer
+        from .metrics.health import stats_health
+
+        self.metrics = MetricsServer(self.config.metrics.address, make_registry(self.stats),
+                                     stats_health(self.stats), web=web)
+        try:
+            self.metrics.start()
+        except GblkError as e:
+            self.metrics_error = str(e)
+            log.warning("%s; serving disks without metrics, retrying the bind", e)
+            self._greenlets.append(gevent.spawn(self._retry_metrics))
 
     @staticmethod
     def _web_config(cfg: Config) -> Any:

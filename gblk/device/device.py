@@ -112,6 +112,8 @@ class Device:
         self._connected_before = False
         #: the disk was Connected when this process found it: a takeover
         self._adopting = False
+        #: the first look at the disk is done (serving, waiting or failed)
+        self.settled = False
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -167,7 +169,10 @@ class Device:
             paths.append(f"{self._frontend}/{xb.STATE}")
         self._sub = xs.watch(paths)
         while True:
-            self._evaluate()
+            try:
+                self._evaluate()
+            finally:
+                self.settled = True
             if self.removed:
                 return
             fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)

@@ -43,8 +43,9 @@ VERSION = 1
 #: magic, version, identity (8 bytes), slots, rsp_size, from, to
 _HEADER = struct.Struct("=II8sIIII")
 HEADER_SIZE = 64
-_FROM_WORD = 5  # index of ``from`` in the u32 view of the header
-_TO_WORD = 6
+_FROM_WORD = 6  # index of ``from`` in the u32 view of the header (after the 8-byte identity)
+_TO_WORD = 7
+assert _HEADER.size == 4 * (_TO_WORD + 1) <= HEADER_SIZE
 
 
 def identity(ring_refs: Sequence[int], remote_port: int, abi_name: str) -> bytes:

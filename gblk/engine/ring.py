@@ -163,6 +163,11 @@ class RingWorker:
         self.evtchn = dp.host.open_event_channel()
         self.port = self.evtchn.bind_interdomain(dp.domid, self.remote_port)
         self._open_journal()
+        if dp.adopt:
+            # the previous process may have died between publishing rsp_prod and
+            # notifying: the frontend would wait for that event for good. One
+            # notification on every takeover (a spurious one is harmless)
+            self.evtchn.notify(self.port)
         hub = gevent.get_hub()
         self._io = hub.loop.io(self.evtchn.fileno(), 1)
         self._io.start(self._wake.set)
@@ -191,8 +196,6 @@ class RingWorker:
         if n:
             dp.log.info("queue %d: published %d response(s) the previous process had "
                         "journaled", self.queue, n)
-            assert self.evtchn is not None and self.port is not None
-            self.evtchn.notify(self.port)
 
     def stop(self, timeout: float) -> None:
         """Stop taking requests, answer every consumed one, release everything.
