@@ -70,10 +70,10 @@ class _entry_points_once:
                 cache[key] = orig(**params)
             return cache[key]
 
-        setattr(metadata, "entry_points", once)
+        metadata.entry_points = once
 
     def __exit__(self, *exc: object) -> None:
-        setattr(self._metadata, "entry_points", self._orig)
+        self._metadata.entry_points = self._orig
 
 
 def _kinds_arg(text: str) -> List[str]:
@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         "configuration.",
     )
     _config_flags(serve)
+    serve.add_argument(
+        "--takeover", action="store_true", default=False,
+        help="start fully, then ask the gblk running on the control socket to hand its "
+        "disks over (an upgrade that pauses guests for milliseconds); without one, start "
+        "as usual")
     serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser(
@@ -294,6 +299,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, _overrides(args))
     setup_logging("debug" if args.debug else config.daemon.log_level)
     serve = _load("gblk.daemon", "serve", "the daemon")
+    if args.takeover:
+        return int(serve(config, debug=args.debug, takeover=True))
     return int(serve(config, debug=args.debug))
 
 

@@ -56,8 +56,14 @@ def make_host(config: Config) -> XenHost:
 
 
 class Daemon:
-    def __init__(self, config: Config, host: Optional[XenHost] = None) -> None:
+    def __init__(self, config: Config, host: Optional[XenHost] = None,
+                 takeover: bool = False) -> None:
         self.config = config
+        #: ``gblk serve --takeover``: a running gblk releases its disks to this one
+        self.takeover = takeover
+        #: this process released its disks to a successor (the control's ``handover``)
+        self.handed_over = False
+        self._handover_began = 0.0
         self.host = host
         self.stats = DaemonStats(started=time.time())
         self.log_rate = GuestLogRate(config.backend.guest_log_rate)
@@ -106,10 +112,15 @@ class Daemon:
             backend_domid=host.domid, journal_dir=_journal_dir(cfg),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
+        predecessor = self._take_over() if self.takeover else None
         self.bus.start()
         # the disks first: after a restart their guests wait, so metrics and the
         # control socket (imports, binds) come once each disk found now is served
         self._settle(ctx.stop_timeout)
+        if predecessor:  # its metrics port and control socket go with it
+            log.info("takeover: disks served again %.1f ms after the handover began",
+                     1000 * (time.monotonic() - self._handover_began))
+            _wait_exit(predecessor, cfg.daemon.stop_timeout)
         if cfg.metrics.enabled:
             self._start_metrics(web)
         if cfg.control.enabled:
@@ -118,6 +129,50 @@ class Daemon:
         log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
                  cfg.daemon.xen, host.domid,
                  f", metrics on {self.metrics_url()}" if self.metrics_url() else "")
+
+    def _take_over(self) -> Optional[int]:
+        """Ask the gblk answering on the control socket to release its disks (it
+        answers once their rings are stopped, every consumed request answered); its
+        pid, or None when no gblk runs there (then this is an ordinary start)."""
+        from .control.client import request
+
+        path = self.config.control.socket
+        if not os.path.exists(path):
+            log.warning("takeover: no gblk answers on %s; starting as usual", path)
+            return None
+        t0 = self._handover_began = time.monotonic()
+        try:
+            got = request(path, {"command": "handover"},
+                          timeout=self.config.daemon.stop_timeout + 10)
+        except GblkError as e:
+            if "no gblk daemon answers" in str(e):
+                log.warning("takeover: no gblk answers on %s; starting as usual", path)
+                return None
+            raise GblkError(f"takeover: {e}") from None
+        pid = int(got.get("pid", 0)) if isinstance(got, dict) else 0
+        log.info("takeover: gblk %d released %s disk(s) in %.0f ms", pid,
+                 got.get("disks", "?") if isinstance(got, dict) else "?",
+                 1000 * (time.monotonic() - t0))
+        return pid or None
+
+    def handover(self, pid: int) -> dict:
+        """The control socket's ``handover``: release every disk (rings stopped, every
+        consumed request answered, XenStore left as it is) for process ``pid``, make
+        it systemd's main process, stop. Runs in the control connection's greenlet."""
+        log.info("handover: releasing every disk to process %d", pid)
+        n = 0
+        if self.bus is not None:
+            bus, self.bus = self.bus, None
+            n = len(bus.devices)
+            bus.stop(self.config.daemon.stop_timeout)
+        if self.metrics is not None:
+            m, self.metrics = self.metrics, None
+            m.stop()
+        self.handed_over = True
+        if pid:
+            self.notifier.notify(MAINPID=pid, STATUS=f"handed over to {pid}")
+        self.request_stop()
+        return {"pid": os.getpid(), "disks": n}
 
     def _settle(self, timeout: float) -> None:
         """Wait (at most ``timeout``) until every disk the bus found has had its first
@@ -171,7 +226,8 @@ class Daemon:
     def _start_control(self) -> None:
         from .control.server import ControlServer
 
-        server = ControlServer(self.config.control.socket, self.disk_facts, self.status)
+        server = ControlServer(self.config.control.socket, self.disk_facts, self.status,
+                               handover=self.handover)
         try:
             server.start()
         except GblkError as e:
@@ -270,9 +326,12 @@ class Daemon:
                     self._reload()
                     continue
                 break
-            log.info("stopping: answering in-flight requests (at most %.0fs)",
-                     self.config.daemon.stop_timeout)
-            self.notifier.stopping(status="stopping")
+            if self.handed_over:
+                log.info("stopping: the disks were handed over")
+            else:
+                log.info("stopping: answering in-flight requests (at most %.0fs)",
+                         self.config.daemon.stop_timeout)
+                self.notifier.stopping(status="stopping")
             self.stop()
             log.info("stopped")
             return 0
@@ -337,6 +396,20 @@ class Daemon:
         self.notifier.ready(status="serving")
 
 
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Wait (at most ``timeout``) for process ``pid`` to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        gevent.sleep(0.01)
+    log.warning("takeover: process %d still runs after %.0fs", pid, timeout)
+
+
 def _arm_crashpoints(cfg: Config) -> None:
     """The test-only kill hook (gblk.engine.crashpoints): on the simulated host only."""
     spec = os.environ.get(crashpoints.ENV)
@@ -370,7 +443,7 @@ def _fingerprint(web: Any) -> bytes:
     return b"" if web is None else bytes(web.fingerprint)
 
 
-def serve(config: Config, debug: bool = False) -> int:
+def serve(config: Config, debug: bool = False, takeover: bool = False) -> int:
     """``gblk serve``: run the daemon until SIGTERM/SIGINT.
 
     A control call abandoned at its deadline (an open that never returns) still holds
@@ -378,7 +451,7 @@ def serve(config: Config, debug: bool = False) -> int:
     crash (SIGSEGV seen on CPython 3.9 and Debian 12's 3.11 with gevent 22.10), so then
     the process ends with ``os._exit`` once everything else is closed and the logs are
     flushed: nothing is left to finalize but that thread."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, takeover=takeover)
     rc = daemon.run()
     if daemon.stuck_calls:
         log.warning("exiting with %d control call(s) still stuck (abandoned at their deadline)",

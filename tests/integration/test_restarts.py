@@ -212,3 +212,37 @@ def test_fifty_kills_soak():
     """Fifty kills at random points and at each crash point, under verified IO."""
     out = _run_restarts(50, 1.0, "taken=0.001,journaled=0.001,written=0.002", seed=50)
     assert out["restarts"] >= 50
+
+
+def test_takeover_hands_the_disks_over_under_io():
+    """``gblk serve --takeover`` while a guest runs verified IO: the running gblk
+    releases every disk (each consumed request answered) and exits 0, the new one
+    serves on; the guest sees no error, no duplicate, no reconnect."""
+    with SimHost() as host:
+        host.start_backend(ARGS)
+        g = host.create_guest(size=DISK)
+        fe = g.frontend
+        wl = Workload([fe], WorkloadConfig(seconds=None, count=10 ** 9, depth=12, seed=5))
+        wl.start()
+        gevent.sleep(0.5)
+        old = host.backend
+        host.backend = None
+        new = host.start_backend(ARGS + ["--takeover"])
+        with logs_on_failure(old, new):
+            for _ in range(600):
+                if not old.alive():
+                    break
+                gevent.sleep(0.05)
+            assert old.stop() == 0
+            assert "handover: releasing every disk" in old.log_text()
+            assert "still in flight" not in old.log_text()
+            before = wl.stats.requests
+            gevent.sleep(0.5)
+            wl.stop(timeout=60)
+            assert wl.stats.requests > before  # served by the new process
+            assert new.alive()
+            assert "takeover: disks served again" in new.log_text()
+            assert wl.stats.errors == 0 and wl.stats.mismatches == 0
+            assert fe.stats.protocol_violations == 0, fe.stats.violations
+            assert fe.connected and fe.stats.connects == 1
+        new.stop()
