@@ -295,6 +295,31 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_upgrade(self) -> None:
+        """SIGUSR2: start the installed gblk as ``serve --takeover`` with this process'
+        arguments, as a child (so under systemd it is in the unit's cgroup); it asks
+        for the disks over the control socket (``handover``), and this process then
+        makes it systemd's main process and exits."""
+        gevent.spawn(self._spawn_successor)
+
+    def _spawn_successor(self) -> None:
+        import subprocess
+
+        argv = [sys.executable, "-m", "gblk", *sys.argv[1:]]
+        if "--takeover" not in argv:
+            argv.append("--takeover")
+        log.info("SIGUSR2: starting a successor to hand the disks over to: %s", " ".join(argv))
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            log.error("cannot start a successor: %s; serving on", e)
+            return
+        while not self.handed_over and child.poll() is None:
+            gevent.sleep(0.1)
+        if not self.handed_over:
+            log.error("the successor exited with %s before taking over; serving on",
+                      child.returncode)
+
     def request_reload(self) -> None:
         self._hup = True
         self._stop.set()  # wake the main greenlet; it tells the two apart
@@ -306,6 +331,7 @@ class Daemon:
             gevent.signal_handler(signal.SIGTERM, self.request_stop),
             gevent.signal_handler(signal.SIGINT, self.request_stop),
             gevent.signal_handler(signal.SIGHUP, self.request_reload),
+            gevent.signal_handler(signal.SIGUSR2, self.request_upgrade),
         ]
         try:
             try:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import struct
 from typing import Dict, List, Optional
 
@@ -246,3 +248,36 @@ def test_takeover_hands_the_disks_over_under_io():
             assert fe.stats.protocol_violations == 0, fe.stats.violations
             assert fe.connected and fe.stats.connects == 1
         new.stop()
+
+
+def test_sigusr2_starts_a_successor_that_takes_over():
+    """SIGUSR2 (the upgrade under systemd): the daemon starts ``gblk serve --takeover``
+    as its own child, hands the disks to it and exits 0; the guest is served on."""
+    with SimHost() as host:
+        old = host.start_backend(ARGS)
+        g = host.create_guest(size=DISK)
+        fe = g.frontend
+        fe.write(0, pattern(8, 64 * SECTOR))
+        successor = 0
+        try:
+            with logs_on_failure(old):
+                old.proc.send_signal(signal.SIGUSR2)
+                assert old.proc.wait(timeout=120) == 0
+                text = old.log_text()
+                m = re.search(r"handover: releasing every disk to process (\d+)", text)
+                assert m, text
+                successor = int(m.group(1))
+                assert fe.read(0, 64) == pattern(8, 64 * SECTOR)
+                fe.write(64, pattern(9, 64 * SECTOR))
+                assert file_bytes(g.image, 64, 64) == pattern(9, 64 * SECTOR)
+                os.kill(successor, 0)  # still serving
+                assert fe.connected and fe.stats.connects == 1 and fe.stats.errors == 0
+        finally:
+            if successor:
+                os.kill(successor, signal.SIGTERM)
+                for _ in range(300):
+                    try:
+                        os.kill(successor, 0)
+                    except ProcessLookupError:
+                        break
+                    gevent.sleep(0.05)
