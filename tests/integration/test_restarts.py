@@ -22,6 +22,8 @@ import random
 import re
 import signal
 import struct
+import subprocess
+import sys
 from typing import Dict, List, Optional
 
 import gevent
@@ -29,7 +31,7 @@ import gevent.event
 import pytest
 
 from gblk.blkif.const import XenbusState
-from gblk.sim.host import SimHost
+from gblk.sim.host import SimHost, child_env
 from gblk.sim.restarts import Restarter
 from gblk.sim.workload import Workload, WorkloadConfig
 from gblk.xen.xenstore import PyxsXenStore
@@ -281,3 +283,16 @@ def test_sigusr2_starts_a_successor_that_takes_over():
                     except ProcessLookupError:
                         break
                     gevent.sleep(0.05)
+
+
+def test_crash_hook_refused_on_a_real_xen_host(tmp_path):
+    """The kill hook is for the simulated host: with it set, ``gblk serve`` on real
+    Xen refuses to start (configuration error, exit 2, one line), touching nothing."""
+    env = child_env({"GBLK_TEST_CRASH": "written=1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "gblk", "serve", "--xen", "real", "--no-metrics",
+         "--control-socket", str(tmp_path / "control.sock")],
+        env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert b"GBLK_TEST_CRASH" in proc.stderr and b"refusing" in proc.stderr
+    assert not (tmp_path / "control.sock").exists()
