@@ -29,6 +29,7 @@ from .config import Config
 from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
+from .engine import crashpoints
 from .engine.control import ControlPool
 from .engine.stats import DaemonStats
 from .errors import ConfigError, GblkError
@@ -55,8 +56,14 @@ def make_host(config: Config) -> XenHost:
 
 
 class Daemon:
-    def __init__(self, config: Config, host: Optional[XenHost] = None) -> None:
+    def __init__(self, config: Config, host: Optional[XenHost] = None,
+                 takeover: bool = False) -> None:
         self.config = config
+        #: ``gblk serve --takeover``: a running gblk releases its disks to this one
+        self.takeover = takeover
+        #: this process released its disks to a successor (the control's ``handover``)
+        self.handed_over = False
+        self._handover_began = 0.0
         self.host = host
         self.stats = DaemonStats(started=time.time())
         self.log_rate = GuestLogRate(config.backend.guest_log_rate)
@@ -80,6 +87,7 @@ class Daemon:
         cfg = self.config
         # a bad web configuration is a configuration error: before anything else
         web = self._web_config(cfg) if cfg.metrics.enabled else None
+        _arm_crashpoints(cfg)
         if self.host is None:
             self.host = make_host(cfg)
         host = self.host
@@ -94,19 +102,6 @@ class Daemon:
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
-        if cfg.metrics.enabled:
-            from .metrics.collector import make_registry
-            from .metrics.exporter import MetricsServer
-            from .metrics.health import stats_health
-
-            self.metrics = MetricsServer(cfg.metrics.address, make_registry(self.stats),
-                                         stats_health(self.stats), web=web)
-            try:
-                self.metrics.start()
-            except GblkError as e:
-                self.metrics_error = str(e)
-                log.warning("%s; serving disks without metrics, retrying the bind", e)
-                self._greenlets.append(gevent.spawn(self._retry_metrics))
         # the control plane's blocking calls get threads of their own (and a deadline):
         # a store whose open hangs holds one of them, never one of the IO threads
         self.control_pool = ControlPool(cfg.backend.control_threads, cfg.backend.control_timeout)
@@ -114,16 +109,94 @@ class Daemon:
             host=host, xs=self.xs, pool=hub.threadpool, control=self.control_pool,
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
-            backend_domid=host.domid,
+            backend_domid=host.domid, journal_dir=_journal_dir(cfg),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
+        predecessor = self._take_over() if self.takeover else None
         self.bus.start()
+        # the disks first: after a restart their guests wait, so metrics and the
+        # control socket (imports, binds) come once each disk found now is served
+        self._settle(ctx.stop_timeout)
+        if predecessor:  # its metrics port and control socket go with it
+            log.info("takeover: disks served again %.1f ms after the handover began",
+                     1000 * (time.monotonic() - self._handover_began))
+            _wait_exit(predecessor, cfg.daemon.stop_timeout)
+        if cfg.metrics.enabled:
+            self._start_metrics(web)
         if cfg.control.enabled:
             self._start_control()
         self._greenlets.append(gevent.spawn(self._housekeeping))
         log.info("gblk %s serving %s on %s (domain %d)%s", __version__, ", ".join(cfg.daemon.kinds),
                  cfg.daemon.xen, host.domid,
                  f", metrics on {self.metrics_url()}" if self.metrics_url() else "")
+
+    def _take_over(self) -> Optional[int]:
+        """Ask the gblk answering on the control socket to release its disks (it
+        answers once their rings are stopped, every consumed request answered); its
+        pid, or None when no gblk runs there (then this is an ordinary start)."""
+        from .control.client import request
+
+        path = self.config.control.socket
+        if not os.path.exists(path):
+            log.warning("takeover: no gblk answers on %s; starting as usual", path)
+            return None
+        t0 = self._handover_began = time.monotonic()
+        try:
+            got = request(path, {"command": "handover"},
+                          timeout=self.config.daemon.stop_timeout + 10)
+        except GblkError as e:
+            if "no gblk daemon answers" in str(e):
+                log.warning("takeover: no gblk answers on %s; starting as usual", path)
+                return None
+            raise GblkError(f"takeover: {e}") from None
+        pid = int(got.get("pid", 0)) if isinstance(got, dict) else 0
+        log.info("takeover: gblk %d released %s disk(s) in %.0f ms", pid,
+                 got.get("disks", "?") if isinstance(got, dict) else "?",
+                 1000 * (time.monotonic() - t0))
+        return pid or None
+
+    def handover(self, pid: int) -> dict:
+        """The control socket's ``handover``: release every disk (rings stopped, every
+        consumed request answered, XenStore left as it is) for process ``pid``, make
+        it systemd's main process, stop. Runs in the control connection's greenlet."""
+        log.info("handover: releasing every disk to process %d", pid)
+        n = 0
+        if self.bus is not None:
+            bus, self.bus = self.bus, None
+            n = len(bus.devices)
+            bus.stop(self.config.daemon.stop_timeout)
+        if self.metrics is not None:
+            m, self.metrics = self.metrics, None
+            m.stop()
+        self.handed_over = True
+        if pid:
+            self.notifier.notify(MAINPID=pid, STATUS=f"handed over to {pid}")
+        self.request_stop()
+        return {"pid": os.getpid(), "disks": n}
+
+    def _settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every disk the bus found has had its first
+        look: taken over and serving, waiting for its frontend, or failed."""
+        deadline = time.monotonic() + timeout
+        bus = self.bus
+        while bus is not None and time.monotonic() < deadline:
+            if all(d.settled for d in list(bus.devices.values())):
+                return
+            gevent.sleep(0.002)
+
+    def _start_metrics(self, web: Any) -> None:
+        from .metrics.collector import make_registry
+        from .metrics.exporter import MetricsServer
+        from .metrics.health import stats_health
+
+        self.metrics = MetricsServer(self.config.metrics.address, make_registry(self.stats),
+                                     stats_health(self.stats), web=web)
+        try:
+            self.metrics.start()
+        except GblkError as e:
+            self.metrics_error = str(e)
+            log.warning("%s; serving disks without metrics, retrying the bind", e)
+            self._greenlets.append(gevent.spawn(self._retry_metrics))
 
     @staticmethod
     def _web_config(cfg: Config) -> Any:
@@ -153,7 +226,8 @@ class Daemon:
     def _start_control(self) -> None:
         from .control.server import ControlServer
 
-        server = ControlServer(self.config.control.socket, self.disk_facts, self.status)
+        server = ControlServer(self.config.control.socket, self.disk_facts, self.status,
+                               handover=self.handover)
         try:
             server.start()
         except GblkError as e:
@@ -221,6 +295,31 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
+    def request_upgrade(self) -> None:
+        """SIGUSR2: start the installed gblk as ``serve --takeover`` with this process'
+        arguments, as a child (so under systemd it is in the unit's cgroup); it asks
+        for the disks over the control socket (``handover``), and this process then
+        makes it systemd's main process and exits."""
+        gevent.spawn(self._spawn_successor)
+
+    def _spawn_successor(self) -> None:
+        import subprocess
+
+        argv = [sys.executable, "-m", "gblk", *sys.argv[1:]]
+        if "--takeover" not in argv:
+            argv.append("--takeover")
+        log.info("SIGUSR2: starting a successor to hand the disks over to: %s", " ".join(argv))
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except OSError as e:
+            log.error("cannot start a successor: %s; serving on", e)
+            return
+        while not self.handed_over and child.poll() is None:
+            gevent.sleep(0.1)
+        if not self.handed_over:
+            log.error("the successor exited with %s before taking over; serving on",
+                      child.returncode)
+
     def request_reload(self) -> None:
         self._hup = True
         self._stop.set()  # wake the main greenlet; it tells the two apart
@@ -232,6 +331,7 @@ class Daemon:
             gevent.signal_handler(signal.SIGTERM, self.request_stop),
             gevent.signal_handler(signal.SIGINT, self.request_stop),
             gevent.signal_handler(signal.SIGHUP, self.request_reload),
+            gevent.signal_handler(signal.SIGUSR2, self.request_upgrade),
         ]
         try:
             try:
@@ -252,9 +352,12 @@ class Daemon:
                     self._reload()
                     continue
                 break
-            log.info("stopping: answering in-flight requests (at most %.0fs)",
-                     self.config.daemon.stop_timeout)
-            self.notifier.stopping(status="stopping")
+            if self.handed_over:
+                log.info("stopping: the disks were handed over")
+            else:
+                log.info("stopping: answering in-flight requests (at most %.0fs)",
+                         self.config.daemon.stop_timeout)
+                self.notifier.stopping(status="stopping")
             self.stop()
             log.info("stopped")
             return 0
@@ -319,11 +422,54 @@ class Daemon:
         self.notifier.ready(status="serving")
 
 
+def _wait_exit(pid: int, timeout: float) -> None:
+    """Wait (at most ``timeout``) for process ``pid`` to end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        gevent.sleep(0.01)
+    log.warning("takeover: process %d still runs after %.0fs", pid, timeout)
+
+
+def _arm_crashpoints(cfg: Config) -> None:
+    """The test-only kill hook (gblk.engine.crashpoints): on the simulated host only."""
+    spec = os.environ.get(crashpoints.ENV)
+    if not spec:
+        return
+    if cfg.daemon.sim_dir is None:
+        raise ConfigError(f"{crashpoints.ENV} is set: a test hook that kills gblk on purpose; "
+                          "refusing to serve a real Xen host with it (unset it)")
+    try:
+        crashpoints.arm(crashpoints.parse(spec))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    log.warning("test hook %s=%s armed: this process kills itself on purpose",
+                crashpoints.ENV, spec)
+
+
+def _journal_dir(cfg: Config) -> Optional[str]:
+    """``rings/`` beside the control socket (``/run/gblk/rings``): the ring journals
+    (gblk.engine.journal). None, with a warning, when it cannot be made."""
+    path = os.path.join(os.path.dirname(cfg.control.socket), "rings")
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        log.warning("no ring journals in %s (%s): a gblk killed while publishing responses "
+                    "stalls those rings until the guest reconnects", path, e.strerror or e)
+        return None
+    return path
+
+
 def _fingerprint(web: Any) -> bytes:
     return b"" if web is None else bytes(web.fingerprint)
 
 
-def serve(config: Config, debug: bool = False) -> int:
+def serve(config: Config, debug: bool = False, takeover: bool = False) -> int:
     """``gblk serve``: run the daemon until SIGTERM/SIGINT.
 
     A control call abandoned at its deadline (an open that never returns) still holds
@@ -331,7 +477,7 @@ def serve(config: Config, debug: bool = False) -> int:
     crash (SIGSEGV seen on CPython 3.9 and Debian 12's 3.11 with gevent 22.10), so then
     the process ends with ``os._exit`` once everything else is closed and the logs are
     flushed: nothing is left to finalize but that thread."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, takeover=takeover)
     rc = daemon.run()
     if daemon.stuck_calls:
         log.warning("exiting with %d control call(s) still stuck (abandoned at their deadline)",

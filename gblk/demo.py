@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", metavar="FMT", default=None, help="format of --image (default raw)")
     p.add_argument("--metrics-address", metavar="HOST:PORT", default=None,
                    help="serve Prometheus metrics here (default: a free loopback port)")
+    p.add_argument("--kill-daemon-every", type=float, default=None, metavar="SECONDS",
+                   help="SIGKILL the daemon at a random moment of every SECONDS and start it "
+                   "again while the workload runs (the guests must not notice but a pause)")
     p.add_argument("--debug", action="store_true", default=False, help="debug logging")
     return p
 
@@ -240,6 +243,7 @@ class Demo:
         self.guests: List[Any] = []
         self._forcing = False
         self._main: Any = None
+        self.restarter: Any = None
 
     def say(self, text: str) -> None:
         self.out.write(text + "\n")
@@ -368,9 +372,10 @@ class Demo:
         self.say(f"gblk demo: simulated Xen host in {host.dir}")
         image: Optional[str] = self._image(host) if args.image else None
         control = host.control_socket
-        backend = host.start_backend(["--kinds", "qdisk", "--metrics-address", address,
-                                      "--control-socket", control]
-                                     + (["--log-level", "debug"] if args.debug else []))
+        backend_args = (["--kinds", "qdisk", "--metrics-address", address,
+                         "--control-socket", control]
+                        + (["--log-level", "debug"] if args.debug else []))
+        backend = host.start_backend(backend_args)
         self.say(f"metrics: {_url(address)}")
         self.say(f"disks: gblk list --control-socket {control}")
 
@@ -422,16 +427,32 @@ class Demo:
                  f"({cfg.depth} in flight per guest, seed {wl.seed})")
         progress = _Progress(self.out)
         wl.start()
+        every = args.kill_daemon_every
+        if every:
+            from gblk.sim.restarts import Restarter
+
+            self.restarter = Restarter(host, backend_args, float(every),
+                                       lambda: wl.stats.requests, seed=wl.seed)
+            self.say(f"killing the daemon (SIGKILL) at a random moment of every {every:g}s "
+                     "and starting it again")
+            self.restarter.start()
         try:
             while not wl.wait(timeout=progress.interval):
                 progress.show(wl.elapsed(), wl.stats)
-                if not backend.alive():
+                backend = host.backend or backend
+                if self.restarter is not None and self.restarter.failure:
+                    self.failure = self.restarter.failure
+                    wl.stop(timeout=5)
+                    break
+                if self.restarter is None and not backend.alive():
                     self.failure = f"the daemon exited with {backend.proc.returncode} mid-run"
                     wl.stop(timeout=5)
                     break
                 if self.interrupted:
                     wl.stop()
                     break
+            if self.restarter is not None:
+                self.restarter.stop()
             progress.show(wl.stats.elapsed or wl.elapsed(), wl.stats, final=True)
         finally:
             progress.end()
@@ -448,6 +469,10 @@ class Demo:
                        })
         if any(g.frontend.stats.canary_violations for g in self.guests):
             summary["ok"] = False
+        if self.restarter is not None:
+            summary.update(self.restarter.summary())
+            if self.restarter.failure:
+                summary["ok"] = False
         return summary
 
     def _shutdown(self) -> Optional[int]:
@@ -461,6 +486,8 @@ class Demo:
         if host is None:
             return rc
         try:
+            if self.restarter is not None:
+                self.restarter.stop()
             if self.workload is not None and self.workload.running:
                 self.workload.stop(timeout=10)
             if host.running and host.backend is not None and host.backend.alive():
@@ -535,14 +562,14 @@ def _merge(dicts: Sequence[Dict[str, int]]) -> Dict[str, int]:
 
 def main(argv: Union[None, Sequence[str], argparse.Namespace] = None) -> int:
     """``gblk demo [--guests N] [--seconds S] [--json] [--image PATH [--writable]]
-    [--format FMT] [--metrics-address HOST:PORT]``. Accepts argv or the cli's parsed Namespace."""
+    [--format FMT] [--metrics-address HOST:PORT] [--kill-daemon-every SECONDS]``. Accepts argv or the cli's parsed Namespace."""
     if isinstance(argv, argparse.Namespace):
         args = argv
     else:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
     for name, default in (("guests", 1), ("seconds", 20.0), ("json", False), ("image", None),
                           ("writable", False), ("format", None), ("metrics_address", None),
-                          ("debug", False)):
+                          ("debug", False), ("kill_daemon_every", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
     from gevent import monkey

@@ -37,6 +37,8 @@ log = logging.getLogger("gblk.control")
 
 Provider = Callable[[], List[DiskFacts]]
 Status = Callable[[], Dict[str, Any]]
+#: ``handover(pid)``: release every disk for the process ``pid`` (gblk serve --takeover)
+Handover = Callable[[int], Dict[str, Any]]
 
 
 class ControlError(GblkError):
@@ -47,8 +49,9 @@ class ControlServer:
     """``start()``/``stop()``, idempotent; ``stop()`` removes the socket file."""
 
     def __init__(self, path: str, provider: Provider, status: Optional[Status] = None,
-                 max_connections: int = 4) -> None:
+                 max_connections: int = 4, handover: Optional[Handover] = None) -> None:
         self.path = path
+        self._handover = handover
         self._provider = provider
         self._status = status or (lambda: {})
         self._max = max_connections
@@ -137,12 +140,12 @@ class ControlServer:
     def _handle(self, conn: Any, _address: Any) -> None:
         try:
             conn.settimeout(REQUEST_TIMEOUT)
-            uid = _peer_uid(conn)
+            pid, uid = _peer(conn)
             if uid not in (0, self._uid):
                 reply = {"ok": False, "error": "permission denied: the control socket "
                          "answers root only"}
             else:
-                reply = self._answer(_read_line(conn))
+                reply = self._answer(_read_line(conn), pid)
             conn.sendall(json.dumps(reply, sort_keys=True).encode() + b"\n")
         except (OSError, ValueError) as e:
             log.debug("control: connection dropped: %s", e)
@@ -151,7 +154,7 @@ class ControlServer:
         finally:
             conn.close()
 
-    def _answer(self, line: bytes) -> Dict[str, Any]:
+    def _answer(self, line: bytes, pid: int = 0) -> Dict[str, Any]:
         try:
             req = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -176,6 +179,9 @@ class ControlServer:
             return {"ok": True, "result": [disk_stats(f) for f in disks]}
         if command == "status":
             return {"ok": True, "result": self._status()}
+        if command == "handover" and self._handover is not None:
+            # a new gblk (serve --takeover) is started: release every disk to it
+            return {"ok": True, "result": self._handover(pid)}
         if command == "version":
             import gblk
 
@@ -188,10 +194,11 @@ class ControlServer:
                       key=lambda f: (f.stats.domain, f.stats.device, f.stats.kind))
 
 
-def _peer_uid(conn: Any) -> int:
+def _peer(conn: Any) -> "tuple[int, int]":
+    """(pid, uid) of the process at the other end."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
 def _read_line(conn: Any) -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import gevent
 
@@ -54,6 +54,8 @@ class DeviceContext:
     log_rate: GuestLogRate
     stop_timeout: float
     backend_domid: int = 0
+    #: where each ring's journal lives (gblk.engine.journal); None: no journals
+    journal_dir: Optional[str] = None
 
 
 def _close_store(store: Store) -> None:
@@ -69,6 +71,15 @@ def _state(value: Optional[str]) -> Optional[int]:
     except ValueError:
         return S.UNKNOWN
     return n if 0 <= n <= 8 else S.UNKNOWN
+
+
+def _write_changed(t: XenStoreOps, path: str, nodes: Dict[str, str]) -> List[str]:
+    """Write the nodes of ``nodes`` whose value differs (a watch fires on every
+    write, changed or not); which were written."""
+    changed = [k for k, v in nodes.items() if t.read(f"{path}/{k}") != v]
+    for k in changed:
+        t.write(f"{path}/{k}", nodes[k])
+    return changed
 
 
 class Device:
@@ -99,6 +110,10 @@ class Device:
         self._direct = False
         self._discard_enable = True
         self._connected_before = False
+        #: the disk was Connected when this process found it: a takeover
+        self._adopting = False
+        #: the first look at the disk is done (serving, waiting or failed)
+        self.settled = False
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -154,7 +169,10 @@ class Device:
             paths.append(f"{self._frontend}/{xb.STATE}")
         self._sub = xs.watch(paths)
         while True:
-            self._evaluate()
+            try:
+                self._evaluate()
+            finally:
+                self.settled = True
             if self.removed:
                 return
             fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
@@ -184,6 +202,7 @@ class Device:
             if action is Action.NONE:
                 return
             self.log.debug("backend %s frontend %s online %s: %s", b, f, online, action.value)
+            self._adopting = action is Action.CONNECT and b == S.CONNECTED
             try:
                 self._apply(action)
             except (GblkError, OSError) as e:
@@ -264,10 +283,7 @@ class Device:
         nodes = xb.early_nodes(offer, cfg.max_indirect_segments)
         nodes[xb.HOTPLUG_STATUS] = "connected"
 
-        def tx(t: XenStoreOps) -> None:
-            for k, v in nodes.items():
-                t.write(f"{self.path}/{k}", v)
-        self.ctx.xs.transaction(tx)
+        self.ctx.xs.transaction(lambda t: _write_changed(t, self.path, nodes))
         self.log.info("opened %s (%s, %s%s)", path, fmt, "ro" if self._readonly else "rw",
                       ", O_DIRECT" if self._direct else "")
         self._note_store()
@@ -309,6 +325,9 @@ class Device:
             device_stats=self.stats, log=self.log,
             guest_log=self.log.guest_warning, max_persistent_grants=cfg.max_persistent_grants,
             persistent_grant_idle=cfg.persistent_grant_idle,
+            journal_prefix=(f"{ctx.journal_dir}/{self.kind}-{self.domid}-{self.devid}"
+                            if ctx.journal_dir else None),
+            adopt=self._adopting,
         )
         self.stats.persistent_grants_limit = (
             cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)
@@ -330,11 +349,15 @@ class Device:
                                  persistent=dp.pages.persistent)
 
         def tx(t: XenStoreOps) -> None:
-            if t.read(f"{self.path}/{xb.STATE}") is None:
+            # a takeover (a restarted gblk finds the disk Connected) writes nothing
+            # that has not changed: blkfront takes any write of ``state`` while
+            # Connected for a resize ("Setting capacity to ...")
+            state = t.read(f"{self.path}/{xb.STATE}")
+            if state is None:
                 raise NegotiationError("backend directory vanished while connecting")
-            for k, v in nodes.items():
-                t.write(f"{self.path}/{k}", v)
-            t.write(f"{self.path}/{xb.STATE}", str(int(S.CONNECTED)))
+            changed = _write_changed(t, self.path, nodes)
+            if state.strip() != str(int(S.CONNECTED)) or xb.SECTORS in changed:
+                t.write(f"{self.path}/{xb.STATE}", str(int(S.CONNECTED)))
         ctx.xs.transaction(tx)
         self._note_state(S.CONNECTED)
         if self._connected_before:

@@ -12,7 +12,7 @@ a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Abi
 from ..blkif.validate import DiskLimits
@@ -49,6 +49,8 @@ class Dataplane:
         guest_log: Callable[[str], None],
         max_persistent_grants: int,
         persistent_grant_idle: float,
+        journal_prefix: Optional[str] = None,
+        adopt: bool = False,
     ) -> None:
         self.host = host
         self.gnttab = gnttab
@@ -62,6 +64,10 @@ class Dataplane:
         self.guest_log = guest_log
         self.max_persistent_grants = max_persistent_grants
         self.persistent_grant_idle = persistent_grant_idle
+        #: each ring's journal is ``<prefix>-q<queue>`` (None: no journals); ``adopt``:
+        #: a takeover, so a journal a dead process left is trusted (gblk.engine.journal)
+        self.journal_prefix = journal_prefix
+        self.adopt = adopt
         self.job = jobs.JobContext(gnttab, store, domid, limits, path)
         self.pages: PageSource = self.job.pages
         self.rings: List[RingWorker] = []

@@ -51,8 +51,10 @@ from ..blkif.ring import BackRing
 from ..blkif.validate import check_header, check_segments, indirect_pages, status_for
 from ..errors import GblkError, InvalidRequest, RingError
 from ..xen.interfaces import EventChannel, GrantMapping
-from . import jobs
+from . import crashpoints, jobs
 from .grants import PersistentGrants
+from .journal import HEADER_SIZE as _JOURNAL_HEADER
+from .journal import RingJournal, identity, recover
 from .pages import Outcome
 from .stats import RingStats
 
@@ -118,6 +120,8 @@ class RingWorker:
         self._stopping = False
         self._greenlet: Optional[gevent.Greenlet] = None
         self._pgrants: Optional[PersistentGrants] = None
+        #: what a successor needs to answer each consumed request once (gblk.engine.journal)
+        self._journal: Optional[RingJournal] = None
         if dp.pages.persistent:
             self._pgrants = PersistentGrants(dp.max_persistent_grants, dp.persistent_grant_idle)
         self._pg_count = 0
@@ -158,12 +162,40 @@ class RingWorker:
         self._label = ["read"] * n
         self.evtchn = dp.host.open_event_channel()
         self.port = self.evtchn.bind_interdomain(dp.domid, self.remote_port)
+        self._open_journal()
+        if dp.adopt:
+            # the previous process may have died between publishing rsp_prod and
+            # notifying: the frontend would wait for that event for good. One
+            # notification on every takeover (a spurious one is harmless)
+            self.evtchn.notify(self.port)
         hub = gevent.get_hub()
         self._io = hub.loop.io(self.evtchn.fileno(), 1)
         self._io.start(self._wake.set)
         self._greenlet = gevent.spawn(self._run)
         self._greenlet.link_exception(self._crashed)
         self._wake.set()  # requests may already be waiting (reconnect, restart)
+
+    def _open_journal(self) -> None:
+        """Open this ring's journal; on a takeover answer what the dead process left
+        journaled and unpublished. Without a runtime directory: no journal."""
+        dp = self.dp
+        ring = self.ring
+        assert ring is not None
+        if dp.journal_prefix is None:
+            return
+        path = f"{dp.journal_prefix}-q{self.queue}"
+        try:
+            self._journal = RingJournal(path, identity(self.ring_refs, self.remote_port,
+                                                       dp.abi.name),
+                                        ring.slots, dp.abi.rsp_size)
+        except OSError as e:
+            dp.log.warning("queue %d: no ring journal (%s): a kill while publishing "
+                           "responses would stall this ring", self.queue, e)
+            return
+        n = recover(self._journal, ring, dp.adopt)
+        if n:
+            dp.log.info("queue %d: published %d response(s) the previous process had "
+                        "journaled", self.queue, n)
 
     def stop(self, timeout: float) -> None:
         """Stop taking requests, answer every consumed one, release everything.
@@ -192,6 +224,9 @@ class RingWorker:
             if self.ring is not None:
                 self.ring.release()
                 self.ring = None
+            if self._journal is not None:  # everything consumed is published
+                self._journal.close(remove=True)
+                self._journal = None
             if self._ring_map is not None:
                 ring_map, self._ring_map = self._ring_map, None
                 try:  # with a deadline: a teardown that hangs would keep the device
@@ -267,6 +302,8 @@ class RingWorker:
                 n = 0
             if n:
                 st.batches.observe(n)
+                if crashpoints.ENABLED:
+                    crashpoints.hit("taken")
                 self._take(block, n, start)
         if self._publish():
             evtchn.notify(self.port)
@@ -564,9 +601,25 @@ class RingWorker:
             requests = st.requests
             latency = st.latency
             pack = self.dp.abi.rsp.pack_into
+            mask = ring.mask
+            j = self._journal
+            if j is not None:  # first into the journal: the ring slots are the commit's
+                jbuf = j.buf
+                jsize = j.rsp_size
+                j.begin(pvt)
+                end = pvt
+                while end != cons:
+                    slot = end & mask
+                    s = status[slot]
+                    if s is None:
+                        break
+                    pack(jbuf, _JOURNAL_HEADER + slot * jsize, rid[slot], rop[slot] & 0xFF, s)
+                    end = (end + 1) & U32_MASK
+                j.commit(end)
+                if crashpoints.ENABLED:
+                    crashpoints.hit("journaled")
             buf = ring.buf
             size = ring.entry_size
-            mask = ring.mask
             now = time.monotonic()
             while pvt != cons:
                 slot = pvt & mask
@@ -580,6 +633,12 @@ class RingWorker:
                 latency[lbl].observe(now - t0[slot])  # taken off the ring -> published
                 pvt = (pvt + 1) & U32_MASK
             ring.rsp_prod_pvt = pvt
+            if crashpoints.ENABLED:
+                crashpoints.hit("written")
+            notify = ring.push_responses()
+            if j is not None:
+                j.published(pvt)
+            return notify
         return ring.push_responses()
 
     # -- persistent grants -----------------------------------------------------------
