@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", parents=[common, client], help="show the running daemon's own state",
         description="Version, kinds, disks, XenStore and metrics endpoint of the running gblk.")
     status.set_defaults(func=_cmd_status)
+    from gblk.control.ctl import add_parser as _ctl_parser
+
+    _ctl_parser(sub, [common, client], _cmd_ctl)
 
     config = sub.add_parser(
         "config", parents=[common], help="check the configuration and print the effective one",
@@ -324,6 +327,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     sys.stdout.write(json.dumps(disks, indent=1, sort_keys=True) + "\n" if args.json
                      else format_stats(disks))
     return 0
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from gblk.control import ctl
+
+    try:
+        ctl.payload(args)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    return ctl.run(args, _control_path(args))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from .device.bus import Bus
 from .device.device import DeviceContext
 from .engine.control import ControlPool
 from .engine.stats import DaemonStats
+from .engine.throttle import Throttles
 from .errors import ConfigError, GblkError
 from .logs import GuestLogRate, set_level
 from .sdnotify import Notifier, watchdog_interval
@@ -74,6 +75,8 @@ class Daemon:
         self._stop = gevent.event.Event()
         self._hup = False
         self._greenlets: List[gevent.Greenlet] = []
+        #: every disk's IO limits: the [[limit]] rules, SIGHUP, gblk ctl limit
+        self.throttles = Throttles(config.limits, time.monotonic)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -114,7 +117,7 @@ class Daemon:
             host=host, xs=self.xs, pool=hub.threadpool, control=self.control_pool,
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
-            backend_domid=host.domid,
+            backend_domid=host.domid, throttles=self.throttles, cbt=cfg.cbt,
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()
@@ -153,7 +156,10 @@ class Daemon:
     def _start_control(self) -> None:
         from .control.server import ControlServer
 
-        server = ControlServer(self.config.control.socket, self.disk_facts, self.status)
+        from .device.commands import commands
+
+        server = ControlServer(self.config.control.socket, self.disk_facts, self.status,
+                               commands=commands(self._devices, self.throttles))
         try:
             server.start()
         except GblkError as e:
@@ -161,6 +167,9 @@ class Daemon:
             log.error("%s; gblk list/stats will not work, disks are served", e)
             return
         self.control = server
+
+    def _devices(self) -> dict:
+        return self.bus.devices if self.bus is not None else {}
 
     def disk_facts(self) -> List[DiskFacts]:
         """What the control socket shows: each disk's plain stats, plus its image and
@@ -305,6 +314,10 @@ class Daemon:
         if "daemon.log_level" in applied:
             set_level(cfg.daemon.log_level)
         self.log_rate.per_minute = cfg.backend.guest_log_rate
+        limits_changed = new.limits != self.throttles.rules
+        self.throttles.reload(cfg.limits)  # gblk ctl limit changes end here too
+        if limits_changed:
+            applied.append("IO limits ([[limit]], [limit_groups])")
         if self.bus is not None:
             self.bus.ctx.config = cfg.backend
             if "backend.max_persistent_grants" in applied:

@@ -12,17 +12,19 @@ a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Abi
 from ..blkif.validate import DiskLimits
 from ..storage import Store
 from ..xen.interfaces import GrantTable, XenHost
 from . import jobs
+from .cbt import Tracker
 from .control import ControlPool
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
+from .throttle import DiskThrottle
 
 
 class Dataplane:
@@ -49,6 +51,8 @@ class Dataplane:
         guest_log: Callable[[str], None],
         max_persistent_grants: int,
         persistent_grant_idle: float,
+        throttle: Optional[DiskThrottle] = None,
+        cbt: Optional[Tracker] = None,
     ) -> None:
         self.host = host
         self.gnttab = gnttab
@@ -65,6 +69,10 @@ class Dataplane:
         self.job = jobs.JobContext(gnttab, store, domid, limits, path)
         self.pages: PageSource = self.job.pages
         self.rings: List[RingWorker] = []
+        #: the disk's IO limits and dirty bitmap (None: none); the rings read them at
+        #: each request, so a change applies at once
+        self.throttle = throttle
+        self.cbt = cbt
 
     @property
     def path(self) -> str:
