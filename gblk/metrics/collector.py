@@ -324,11 +324,10 @@ class GblkCollector:
         for key, value in sorted(dev.io_limits.items()):
             fam.io_limit.add_metric(lab + [key], value)
         fam.cbt_enabled.add_metric(lab, 1 if dev.cbt_enabled else 0)
-        if dev.cbt_enabled or dev.cbt_syncs:
-            fam.cbt_dirty.add_metric(lab, dev.cbt_dirty_bits * dev.cbt_granularity
-                                     if dev.cbt_enabled else 0)
-            fam.cbt_syncs.add_metric(lab, dev.cbt_syncs)
-            fam.cbt_sync_seconds.add_metric(lab, dev.cbt_sync_seconds)
+        fam.cbt_dirty.add_metric(lab, dev.cbt_dirty_bits * dev.cbt_granularity
+                                 if dev.cbt_enabled else 0)
+        fam.cbt_syncs.add_metric(lab, dev.cbt_syncs)
+        fam.cbt_sync_seconds.add_metric(lab, dev.cbt_sync_seconds)
 
         for ring in live:
             qlab = lab + [str(ring.queue)]
