@@ -28,6 +28,14 @@ def ctl(socket_path: str, *args: str, check: bool = True) -> Tuple[int, Any, str
     return p.returncode, json.loads(p.stdout) if p.returncode == 0 else None, p.stderr
 
 
+def ask(socket_path: str, command: str, disk: str, **more: Any) -> Any:
+    """One request over the control socket from this process (what ``gblk ctl``
+    sends, without a process start each time: the answer's result)."""
+    from gblk.control.client import request
+
+    return request(socket_path, {"command": command, "disk": disk, **more})
+
+
 class Load:
     """``depth`` greenlets each reading and writing ``nsectors`` at a time in its own
     region (writes verified by the frontend's later reads); completion times kept."""

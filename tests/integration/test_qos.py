@@ -25,42 +25,38 @@ import pytest
 from gblk.sim.host import SimHost
 
 from .backend_support import logs_on_failure, metric, metrics_url, scrape, start_daemon
-from .qos_support import Load, ctl, first_disk, toml_rules, wait_for, within
+from .qos_support import Load, ask, ctl, first_disk, toml_rules, wait_for, within
 
 MiB = 1 << 20
-#: guest A: 100 IOPS, bursts of 500 IOPS (a bucket of 1000 requests: 2.5 s of burst)
-IOPS, IOPS_MAX, IOPS_LEN = 100, 500, 2
-#: guest B: 2 MiB/s, bursts of 8 MiB/s (16 MiB: 2.7 s), in 64 KiB requests (INDIRECT)
-BPS, BPS_MAX, BPS_LEN = 2 * MiB, 8 * MiB, 2
+#: guest A: 100 IOPS (4 KiB requests); guest B: 2 MiB/s (64 KiB requests: INDIRECT)
+IOPS, BPS = 100, 2 * MiB
+#: A's burst, set at runtime: 400 IOPS for 2 s (a bucket of 800 requests)
+IOPS_MAX, IOPS_LEN = 400, 2
 WINDOW = 10.0
 #: guests D and E: one group of 200 IOPS between them
 GROUP_IOPS = 200
 
 
-def _rules(img_a: str, img_b: str, iops: int = IOPS, group: str = "") -> str:
-    return toml_rules([{"image": group, "group": "pair"}] if group else [], "[limit_groups.pair]\n"
-                      f"iops_total = {GROUP_IOPS}\n") + toml_rules([
-        {"image": img_a, "iops_total": iops, "iops_total_max": IOPS_MAX,
-         "iops_total_max_length": IOPS_LEN},
-        {"image": img_b, "bps_total": BPS, "bps_total_max": BPS_MAX,
-         "bps_total_max_length": BPS_LEN},
-    ])
+def _rules(img_a: str, img_b: str, group: str, iops: int = IOPS) -> str:
+    return toml_rules([{"image": group, "group": "pair"}],
+                      f"[limit_groups.pair]\niops_total = {GROUP_IOPS}\n") + toml_rules([
+        {"image": img_a, "iops_total": iops}, {"image": img_b, "bps_total": BPS}])
 
 
 def test_limited_guests_keep_their_limits_beside_a_full_speed_one():
-    """Over 10 s: guest A (100 IOPS, burst 500 for 2 s) bursts at no more than
-    500/s, ends at 100/s within 10%, and does in all what the leaky bucket allows
-    (100 x 10 + the 1000 of its bucket) within 10%; guest B (2 MiB/s, burst 8 MiB/s)
-    likewise in MiB/s; guest C, unlimited, on the same daemon, runs far above both
-    and never waits; guests D and E, one group of 200 IOPS, share it. Then ``gblk
-    ctl limit`` halves A's limit and A follows within 10%; a SIGHUP with changed rules applies them (and ends the ctl change)."""
+    """Over 10 s on one daemon: guest A (100 IOPS) does 100 IOPS within 10%, guest B
+    (2 MiB/s) 2 MiB/s within 10%, guests D and E share the 200 IOPS of their group
+    (neither starved), and guest C, unlimited, runs far above them and never waits.
+    Then ``gblk ctl limit`` gives A a burst (400 IOPS for 2 s): A bursts, at no
+    more than 400/s and no more than its bucket allows; halved, A follows within
+    10%; a SIGHUP with a changed rule applies it (and ends the ctl change)."""
     with SimHost() as host:
         img_a = host.make_image("a.img", 64 * MiB)
         img_b = host.make_image("b.img", 64 * MiB)
         cfg = os.path.join(host.dir, "qos.toml")
         group = os.path.join(host.dir, "g*.img")
         img_d, img_e = (host.make_image(f"g{i}.img", 16 * MiB) for i in range(2))
-        b = start_daemon(host, "qos", _rules(img_a, img_b, group=group))
+        b = start_daemon(host, "qos", _rules(img_a, img_b, group))
         with logs_on_failure(b):
             url = metrics_url(b)
             ga = host.create_guest(image=img_a)
@@ -68,7 +64,7 @@ def test_limited_guests_keep_their_limits_beside_a_full_speed_one():
             gc = host.create_guest(size=64 * MiB)
             gd, ge = (host.create_guest(image=i) for i in (img_d, img_e))
             la = Load(ga.frontend, nsectors=8, depth=8)
-            lb = Load(gb.frontend, nsectors=128, depth=4, span=64)
+            lb = Load(gb.frontend, nsectors=128, depth=4)
             lc = Load(gc.frontend, nsectors=8, depth=2)
             ld, le = (Load(g.frontend, depth=4) for g in (gd, ge))
             loads = (la, lb, lc, ld, le)
@@ -78,54 +74,53 @@ def test_limited_guests_keep_their_limits_beside_a_full_speed_one():
             time.sleep(WINDOW)
             t1 = t0 + WINDOW
 
-            a_all = la.count(t0, t1)
-            want_a = IOPS * WINDOW + IOPS_MAX * IOPS_LEN
-            assert within(a_all, want_a), (a_all, want_a)
-            # the burst: never faster than its rate (the total above holds its bucket)
-            peak = max(la.count(t0 + i / 4, t0 + i / 4 + 1) for i in range(37))
-            assert peak <= 1.1 * 1.1 * IOPS_MAX, peak
-            assert within(la.rate(t1 - 4, t1), IOPS), la.rate(t1 - 4, t1)
-
+            assert within(la.rate(t0, t1), IOPS), la.rate(t0, t1)
             chunk = 128 * 512
-            b_all = lb.count(t0, t1) * chunk
-            want_b = BPS * WINDOW + BPS_MAX * BPS_LEN
-            assert within(b_all, want_b), (b_all / MiB, want_b / MiB)
-            peak = max(lb.count(t0 + i / 4, t0 + i / 4 + 1) for i in range(37)) * chunk
-            assert peak <= 1.1 * 1.1 * BPS_MAX, peak / MiB
-            assert within(lb.rate(t1 - 4, t1) * chunk, BPS), lb.rate(t1 - 4, t1) * chunk / MiB
-
-            # the group: 200 between D and E (each alone could take all), neither starved
-            pair = [x.rate(t0 + 1, t1) for x in (ld, le)]
+            assert within(lb.rate(t0, t1) * chunk, BPS), lb.rate(t0, t1) * chunk / MiB
+            pair = [x.rate(t0, t1) for x in (ld, le)]
             assert within(sum(pair), GROUP_IOPS) and min(pair) > GROUP_IOPS / 6, pair
-
             c_rate = lc.rate(t0, t1)
-            assert c_rate > 2 * IOPS, c_rate  # not held to anyone's limit (here: 800-3000)
+            assert c_rate > 3 * IOPS, c_rate  # held to nobody's limit (here: 800-3000)
+
             s = scrape(url)
             da, dc = str(ga.domid), str(gc.domid)
             assert metric(s, "gblk_throttle_wait_seconds_sum", domain=da) > 1.0
             assert metric(s, "gblk_throttle_wait_seconds_count", domain=da) > 0
             assert metric(s, "gblk_io_limit", domain=da, limit="iops_total") == IOPS
-            assert metric(s, "gblk_io_limit", domain=str(gb.domid), limit="bps_total_max") == BPS_MAX
+            assert metric(s, "gblk_io_limit", domain=str(gb.domid), limit="bps_total") == BPS
             assert not [k for k in s if k.startswith("gblk_throttle_wait_seconds") and
                         f'domain="{dc}"' in k], "the unlimited guest has no throttle series"
 
-            # at runtime: gblk ctl limit
+            # at runtime: a burst
             disk_a = first_disk(ga.frontend)
-            _, got, _ = ctl(host.control_socket, "limit", disk_a, "--iops-total", str(IOPS // 2))
-            assert got == {"group": "", "limits": {"iops_total": IOPS // 2}, "source": "control"}
-            t2 = time.monotonic() + 0.3
-            time.sleep(2.3)
-            assert within(la.rate(t2, t2 + 2), IOPS // 2), la.rate(t2, t2 + 2)
+            _, got, _ = ctl(host.control_socket, "limit", disk_a, "--iops-total", str(IOPS),
+                            "--iops-total-max", str(IOPS_MAX), "--iops-total-max-length",
+                            str(IOPS_LEN))
+            t2 = time.monotonic()
+            assert got == {"group": "", "limits": {"iops_total": IOPS, "iops_total_max": IOPS_MAX,
+                                                   "iops_total_max_length": IOPS_LEN},
+                           "source": "control"}
+            time.sleep(3.0)
+            burst = la.count(t2, t2 + 3)
+            bucket = IOPS_MAX * IOPS_LEN
+            assert 1.5 * IOPS * 3 < burst <= 1.1 * (IOPS * 3 + bucket + IOPS_MAX / 10), burst
+            peak = max(la.count(t2 + i / 4, t2 + i / 4 + 1) for i in range(9))
+            assert peak <= 1.1 * 1.1 * IOPS_MAX, peak
+
+            # halved, without a burst
+            ask(host.control_socket, "limit", disk_a, set={"iops_total": IOPS // 2})
+            t3 = time.monotonic() + 0.2
+            time.sleep(2.7)
+            assert within(la.rate(t3, t3 + 2.5), IOPS // 2), la.rate(t3, t3 + 2.5)
 
             # SIGHUP: the rules again, changed; the ctl change ends
             with open(cfg, "w") as f:
-                f.write(_rules(img_a, img_b, iops=IOPS // 4, group=group))
+                f.write(_rules(img_a, img_b, group, iops=IOPS // 4))
             b.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: ctl(host.control_socket, "limit", disk_a)[1]["limits"].get(
-                "iops_total") == IOPS // 4, what="SIGHUP applies the new rule")
-            _, got, _ = ctl(host.control_socket, "limit", disk_a)
-            assert got["source"] == "config" and got["limits"]["iops_total_max"] == IOPS_MAX
-            _, got, _ = ctl(host.control_socket, "limit", first_disk(gd.frontend))
+            wait_for(lambda: ask(host.control_socket, "limit", disk_a) == {
+                "group": "", "limits": {"iops_total": IOPS // 4}, "source": "config"},
+                what="SIGHUP applies the new rule")
+            got = ask(host.control_socket, "limit", first_disk(gd.frontend))
             assert got == {"group": "pair", "limits": {"iops_total": GROUP_IOPS}, "source": "config"}
             for load in loads:
                 load.stop()
@@ -187,11 +182,11 @@ def test_bad_control_requests_are_one_error_and_change_nothing():
             g = host.create_guest(image=img)
             disk = first_disk(g.frontend)
             sock = host.control_socket
-            before = ctl(sock, "limit", disk)[1]
+            before = ask(sock, "limit", disk)
             assert before["limits"] == {"iops_total": 100}
 
             def unchanged() -> None:
-                assert ctl(sock, "limit", disk)[1] == before
+                assert ask(sock, "limit", disk) == before
 
             assert _raw(sock, b"{not json\n") == {"ok": False, "error": "not a JSON request line"}
             got = _raw(sock, json.dumps({"command": "limit", "disk": disk,
@@ -229,8 +224,9 @@ def test_bad_control_requests_are_one_error_and_change_nothing():
                                          "action": "explode"}).encode() + b"\n")
             assert got == {"ok": False, "error": "cbt: unknown action 'explode'; known: "
                            "enable, disable, reset, show"}
-            rc, _, err = ctl(sock, "cbt", "show", disk, check=False)
-            assert rc == 1 and "not enabled" in err
+            got = _raw(sock, json.dumps({"command": "cbt", "disk": disk, "action": "show"})
+                       .encode() + b"\n")
+            assert got["ok"] is False and "not enabled" in got["error"]
 
             if os.geteuid() != 0:
                 pytest.skip("the non-root client part needs root (to become nobody)")
