@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-address", metavar="HOST:PORT", default=None,
         help="serve Prometheus metrics here while the demo runs",
     )
+    demo.add_argument("--limit-iops", type=int, default=None, metavar="N",
+                      help="limit the first guest to N IOPS; the others run unlimited")
     demo.set_defaults(func=_cmd_demo)
 
     sim = sub.add_parser(
@@ -290,6 +292,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             raise _Usage(why)
     if args.writable and not args.image:
         raise _Usage("--writable goes with --image PATH")
+    if args.limit_iops is not None and args.limit_iops < 1:
+        raise _Usage("--limit-iops must be at least 1")
     setup_logging("debug" if args.debug else "warning")
     demo_main = _load("gblk.demo", "main", "the demo")
     return int(demo_main(args))
