@@ -464,8 +464,8 @@ class RingWorker:
                   sector: int, batch: List[_Item]) -> None:
         dp = self.dp
         refs = grefs[:indirect_pages(nr_segments)]
-        if op == _WRITE and dp.cbt is not None:  # the most it can write: a page a segment
-            self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
+        # a job reads the descriptors: its bits are marked for the most it can write
+        job_bits = op == _WRITE and dp.cbt is not None
         pg = self._pgrants
         if pg is not None:
             have = pg.acquire(refs)
@@ -484,9 +484,13 @@ class RingWorker:
                     return
                 self._data(slot, op, segs, sector, sectors, batch)
                 return
+            if job_bits:
+                self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
             batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, have),
                           list(have)))
             return
+        if job_bits:
+            self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
         batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, {}), None))
 
     def _cached(self, segs: Sequence[Segment]) -> Tuple[Dict[int, memoryview], Optional[List[int]]]:
@@ -648,6 +652,8 @@ class RingWorker:
         """Mark a write's bits; True when the batch must wait for the bitmap to be synced."""
         cbt = self.dp.cbt
         assert cbt is not None
+        if self._tok[slot]:  # never two marks of one request in flight
+            cbt.done(self._tok[slot])
         need, self._tok[slot] = cbt.mark(sector, nsectors)
         if need > self._cbt_need:
             self._cbt_need = need
