@@ -102,7 +102,7 @@ ROW_KEYS = (
     "raw_mib_per_s", "ratio", "fio_engine", "raw_cpu_us_per_request", "raw_lat_p50_us",
     "raw_lat_p99_us", "backend_cpu_us_per_request", "frontend_cpu_us_per_request",
     "lat_p50_us", "lat_p99_us", "requests", "ring_requests_per_io", "seconds", "errors",
-    "violations", "verified", "verify_failures", "guest_limited", "py_iops",
+    "violations", "verified", "verify_failures", "guest_limited", "py_iops", "cbt",
 )
 #: a guest busier than this share of one CPU is counted as the limit
 GUEST_LIMIT_CORE = 0.9
@@ -145,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="no raw side: raw figures and the ratio are null")
     p.add_argument("--py-raw", action="store_true",
                    help="also the old Python threadpool loop on the file (py_iops column)")
+    p.add_argument("--cbt", type=int, default=None, metavar="BYTES",
+                   help="changed-block tracking on, at this granularity (e.g. 65536), its map "
+                        "reset before each job: what tracking costs (cbt column)")
     p.add_argument("--json", action="store_true", help="last stdout line: the rows as JSON")
     return p
 
@@ -170,6 +173,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[
         raise Usage("--format qcow2 needs qemu-img and qemu-nbd (apt-get install qemu-utils)")
     if not args.seconds > 0:
         raise Usage(f"--seconds must be positive, not {args.seconds:g}")
+    if args.cbt is not None and (args.cbt < 4096 or args.cbt & (args.cbt - 1)):
+        raise Usage(f"--cbt must be a power of two of at least 4096 (bytes), not {args.cbt}")
     if args.size < 16:
         raise Usage(f"--size must be at least 16 (MiB), not {args.size}")
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
@@ -403,14 +408,25 @@ class Qcow2Image(ResidentImage):
         self._lock()
 
 
-def _write_config(dir: str, path: str, direct: bool) -> str:
+def _write_config(dir: str, path: str, direct: bool, cbt: Optional[int] = None,
+                  cbt_dir: str = "") -> str:
     mode, _ = GRANT_PATHS[path]
     cfg = os.path.join(dir, f"bench-{path}.toml")
     with open(cfg, "w") as f:
         f.write("[backend]\n"
                 f'grant_mode = "{mode}"\n'
                 f'direct_io = "{"always" if direct else "never"}"\n')
+        if cbt:
+            # beside the image, on its file system: a bitmap on tmpfs would sync for free
+            f.write(f'[cbt]\ndirectory = "{cbt_dir}"\ngranularity = {cbt}\n')
     return cfg
+
+
+def _cbt(host: Any, guest: Any, action: str) -> None:
+    from .control.client import request
+
+    request(host.control_socket, {"command": "cbt", "action": action,
+                                  "disk": f"d{guest.domid}/{guest.disk.devid}"})
 
 
 def _check_alive(host: Any) -> None:
@@ -438,7 +454,8 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
     from .sim.frontend import FrontendOptions
 
     mode, persistent = GRANT_PATHS[path]
-    cfg = _write_config(host.dir, path, args.direct)
+    cfg = _write_config(host.dir, path, args.direct, args.cbt,
+                        os.path.join(os.path.dirname(image.path), f"cbt-{os.getpid()}"))
     host.start_backend(["--config", cfg, "--no-metrics", "--log-level", "info"])
     rows: List[Dict[str, Any]] = []
     guest = None
@@ -458,6 +475,8 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
         disk_sectors = fe.disk.sectors
         bg = BenchGuest(fe, [(j.bs, j.qd) for j in jobs])
         bg.data_offset = getattr(image, "data_offset", 0)
+        if args.cbt:
+            _cbt(host, guest, "enable")
         pid = host.backend.pid
         for job in jobs:
             _check_alive(host)
@@ -467,6 +486,8 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
             else:
                 sectors = random_sectors(65536, job.bs, disk_sectors, seed)
             ops = op_mix(len(sectors), job.read_fraction, seed)
+            if args.cbt:  # each job starts with a clean map: every first write sets a bit
+                _cbt(host, guest, "reset")
             gevent.sleep(0)  # let the hub run what is due before the clock starts
             w = bg.run(job.bs, job.qd, ops, sectors, warmup=warmup, seconds=args.seconds,
                        backend_pid=pid)
@@ -521,6 +542,7 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
                 "verify_failures": failures,
                 "guest_limited": limited,
                 "py_iops": _round(py.get(job.name)),
+                "cbt": args.cbt,
             }
             rows.append(row)
             _say(f"  {_label(path, fmt):<16} {job.name:<18} {iops:9.0f} IOPS  daemon {_fmt(be, 7)} us/req  "

@@ -183,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--kill-daemon-every", type=float, default=None, metavar="SECONDS",
         help="SIGKILL the daemon at a random moment of every SECONDS and start it again "
         "while the workload runs; the summary gains restarts and the pauses")
+    demo.add_argument("--limit-iops", type=int, default=None, metavar="N",
+                      help="limit the first guest to N IOPS; the others run unlimited")
     demo.set_defaults(func=_cmd_demo)
 
     sim = sub.add_parser(
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status", parents=[common, client], help="show the running daemon's own state",
         description="Version, kinds, disks, XenStore and metrics endpoint of the running gblk.")
     status.set_defaults(func=_cmd_status)
+    from gblk.control.ctl import add_parser as _ctl_parser
+
+    _ctl_parser(sub, [common, client], _cmd_ctl)
 
     config = sub.add_parser(
         "config", parents=[common], help="check the configuration and print the effective one",
@@ -327,6 +332,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise _Usage("--writable goes with --image PATH")
     if args.kill_daemon_every is not None and not args.kill_daemon_every > 0:
         raise _Usage("--kill-daemon-every must be greater than 0")
+    if args.limit_iops is not None and args.limit_iops < 1:
+        raise _Usage("--limit-iops must be at least 1")
     setup_logging("debug" if args.debug else "warning")
     demo_main = _load("gblk.demo", "main", "the demo")
     return int(demo_main(args))
@@ -364,6 +371,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     sys.stdout.write(json.dumps(disks, indent=1, sort_keys=True) + "\n" if args.json
                      else format_stats(disks))
     return 0
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from gblk.control import ctl
+
+    try:
+        ctl.payload(args)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+    return ctl.run(args, _control_path(args))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

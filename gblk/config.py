@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import ConfigError
+from .qos import NO_RULES, Rules, parse_rules
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,6 +58,8 @@ MAX_IO_THREADS = 1024
 MAX_CONTROL_THREADS = 64
 #: log lines per device per minute (a guest must not fill the host's disk through us)
 MAX_GUEST_LOG_RATE = 6000.0
+#: changed-block tracking: bits per disk at most (2^27 bits, a 16 MiB bitmap: 8 TiB at 64 KiB)
+MAX_CBT_BITS = 1 << 27
 
 #: keys a running daemon applies on SIGHUP; every other change needs a restart
 LIVE_KEYS = frozenset(
@@ -198,6 +201,20 @@ def _socket_path(value: object) -> str:
     return value
 
 
+def _granularity(value: object) -> int:
+    what = "a power of two from 4096 to 16777216 (bytes)"
+    if isinstance(value, bool) or not isinstance(value, int) or not 4096 <= value <= 1 << 24 \
+            or value & (value - 1):
+        raise _Bad("must be " + what)
+    return value
+
+
+def _state_dir(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise _Bad("must be an absolute directory path")
+    return value
+
+
 def _indirect(value: object) -> int:
     what = (
         f"0 (no indirect requests) or an integer from {MIN_INDIRECT_SEGMENTS} "
@@ -275,9 +292,16 @@ _SPECS: Tuple[_Spec, ...] = (
     _Spec("backend", "guest_log_rate", 10.0, _float_min(0.0, inclusive=True, hi=MAX_GUEST_LOG_RATE),
           "log lines caused by a guest, per device per minute, before rate-limiting "
           "(0 = count them, log none; SIGHUP applies it)"),
+    _Spec("cbt", "directory", "/var/lib/gblk/cbt", _state_dir,
+          "where changed-block tracking keeps its bitmaps, one file per image (the unit's "
+          "StateDirectory=)"),
+    _Spec("cbt", "granularity", 65536, _granularity,
+          "bytes one bit of a new dirty bitmap covers (a power of two, 4 KiB to 16 MiB)"),
+    _Spec("cbt", "max_bits", MAX_CBT_BITS, _int_range(1, MAX_CBT_BITS),
+          "most bits a dirty bitmap may have; a larger disk needs a coarser granularity"),
 )
 
-SECTIONS = ("daemon", "metrics", "control", "backend")
+SECTIONS = ("daemon", "metrics", "control", "backend", "cbt")
 _BY_NAME: Dict[str, _Spec] = {s.name: s for s in _SPECS}
 
 
@@ -339,6 +363,13 @@ class BackendConfig:
 
 
 @dataclass(frozen=True)
+class CbtConfig:
+    directory: str = "/var/lib/gblk/cbt"
+    granularity: int = 65536
+    max_bits: int = MAX_CBT_BITS
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration.
 
@@ -351,6 +382,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    cbt: CbtConfig = field(default_factory=CbtConfig)
+    #: the IO limit rules ([[limit]], [limit_groups.NAME]); SIGHUP applies them
+    limits: Rules = NO_RULES
     path: Optional[str] = None
     overrides: Tuple[Tuple[str, object], ...] = ()
     #: what load_config was asked to read (None = the default path)
@@ -380,6 +414,14 @@ class Config:
             lines.append(f"[{section}]")
             for key, value in values.items():
                 lines.append(f"{key} = {_toml_value(value)}")
+        for name, group in self.limits.groups:
+            lines += ["", f"[limit_groups.{_toml_value(name)}]"]
+            lines += [f"{k} = {v}" for k, v in group.as_dict().items()]
+        for rule in self.limits.rules:
+            lines += ["", "[[limit]]"] + [f"{k} = {_toml_value(v)}" for k, v in rule.match]
+            if rule.group:
+                lines.append(f"group = {_toml_value(rule.group)}")
+            lines += [f"{k} = {v}" for k, v in rule.limits.as_dict().items()]
         return "\n".join(lines) + "\n"
 
     def changed_keys(self, new: "Config") -> List[str]:
@@ -398,7 +440,7 @@ class Config:
     def with_live_changes(self, new: "Config") -> "Config":
         """This configuration with only the live keys taken from ``new``: what the
         daemon runs with after a SIGHUP that also changed restart-only keys."""
-        result = self
+        result = replace(self, limits=new.limits)
         for name in LIVE_KEYS:
             section, _, key = name.partition(".")
             result = replace(
@@ -465,12 +507,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, obj
     read_path, document = _read_file(path)
     where = f"{read_path}: " if read_path else ""
     values: Dict[str, object] = {}
+    limits = parse_rules(document.pop("limit", None), document.pop("limit_groups", None), where)
 
     for section, table in document.items():
         if section not in SECTIONS:
             raise ConfigError(
                 f"{where}unknown section [{section}]; allowed: "
-                + ", ".join(f"[{s}]" for s in SECTIONS)
+                + ", ".join(f"[{s}]" for s in SECTIONS) + ", [[limit]], [limit_groups.NAME]"
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}{section} must be a table: [{section}]")
@@ -503,6 +546,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, obj
         metrics=MetricsConfig(**sections["metrics"]),  # type: ignore[arg-type]
         control=ControlConfig(**sections["control"]),  # type: ignore[arg-type]
         backend=BackendConfig(**sections["backend"]),  # type: ignore[arg-type]
+        cbt=CbtConfig(**sections["cbt"]),  # type: ignore[arg-type]
+        limits=limits,
         path=read_path,
         overrides=tuple(clean_overrides),
         requested_path=path,
@@ -535,6 +580,6 @@ def dataclass_keys() -> Sequence[str]:
     """Dotted names of every dataclass field (a test checks these match the spec table)."""
     out: List[str] = []
     for section, cls in (("daemon", DaemonConfig), ("metrics", MetricsConfig), ("control", ControlConfig),
-                         ("backend", BackendConfig)):
+                         ("backend", BackendConfig), ("cbt", CbtConfig)):
         out.extend(f"{section}.{f.name}" for f in fields(cls))
     return out

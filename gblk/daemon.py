@@ -32,6 +32,7 @@ from .device.device import DeviceContext
 from .engine import crashpoints
 from .engine.control import ControlPool
 from .engine.stats import DaemonStats
+from .engine.throttle import Throttles
 from .errors import ConfigError, GblkError
 from .logs import GuestLogRate, set_level
 from .sdnotify import Notifier, watchdog_interval
@@ -81,6 +82,8 @@ class Daemon:
         self._stop = gevent.event.Event()
         self._hup = False
         self._greenlets: List[gevent.Greenlet] = []
+        #: every disk's IO limits: the [[limit]] rules, SIGHUP, gblk ctl limit
+        self.throttles = Throttles(config.limits, time.monotonic)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +113,7 @@ class Daemon:
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
             backend_domid=host.domid, journal_dir=_journal_dir(cfg),
+            throttles=self.throttles, cbt=cfg.cbt,
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         predecessor = self._take_over() if self.takeover else None
@@ -225,9 +229,11 @@ class Daemon:
 
     def _start_control(self) -> None:
         from .control.server import ControlServer
+        from .device.commands import commands
 
         server = ControlServer(self.config.control.socket, self.disk_facts, self.status,
-                               handover=self.handover)
+                               handover=self.handover,
+                               commands=commands(self._devices, self.throttles))
         try:
             server.start()
         except GblkError as e:
@@ -235,6 +241,9 @@ class Daemon:
             log.error("%s; gblk list/stats will not work, disks are served", e)
             return
         self.control = server
+
+    def _devices(self) -> dict:
+        return self.bus.devices if self.bus is not None else {}
 
     def disk_facts(self) -> List[DiskFacts]:
         """What the control socket shows: each disk's plain stats, plus its image and
@@ -408,6 +417,10 @@ class Daemon:
         if "daemon.log_level" in applied:
             set_level(cfg.daemon.log_level)
         self.log_rate.per_minute = cfg.backend.guest_log_rate
+        limits_changed = new.limits != self.throttles.rules
+        self.throttles.reload(cfg.limits)  # gblk ctl limit changes end here too
+        if limits_changed:
+            applied.append("IO limits ([[limit]], [limit_groups])")
         if self.bus is not None:
             self.bus.ctx.config = cfg.backend
             if "backend.max_persistent_grants" in applied:

@@ -9,7 +9,9 @@ requests, every byte read back checked. Shows live progress (one updating line o
 terminal, plain periodic lines otherwise), the metrics URL, the ``gblk list``
 command for this daemon and a summary; with ``--json`` the last line of stdout is
 one JSON object (requests, bytes, errors, mismatches, violations, iops, mib_per_s,
-...). Exit status 0 only if no request failed, nothing mismatched and the backend
+``guests``: each guest's disk, iops and mib_per_s, ...). ``--limit-iops N`` limits
+the first guest to N IOPS through the control socket (``gblk ctl limit``), to show
+a throttled guest beside unthrottled ones. Exit status 0 only if no request failed, nothing mismatched and the backend
 broke no protocol rule.
 
 A demo never destroys data: ``--image PATH`` serves a scratch copy of PATH (a
@@ -176,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kill-daemon-every", type=float, default=None, metavar="SECONDS",
                    help="SIGKILL the daemon at a random moment of every SECONDS and start it "
                    "again while the workload runs (the guests must not notice but a pause)")
+    p.add_argument("--limit-iops", type=int, default=None, metavar="N",
+                   help="limit the first guest to N IOPS (gblk ctl limit), the others run free")
     p.add_argument("--debug", action="store_true", default=False, help="debug logging")
     return p
 
@@ -416,6 +420,15 @@ class Demo:
                      f"{', '.join(feats) or 'no flush/discard'}")
         self._check()
 
+        limit = getattr(args, "limit_iops", None)
+        if limit:
+            from gblk.control.client import request
+
+            first = self.guests[0]
+            request(control, {"command": "limit", "disk": f"d{first.domid}/{first.disk.devid}",
+                              "set": {"iops_total": int(limit)}})
+            self.say(f"guest d{first.domid}: limited to {limit} IOPS "
+                     f"(gblk ctl limit d{first.domid}/{first.disk.devid} --iops-total {limit})")
         regions = None
         if image is not None and nguests > 1:  # one image shared: each guest its own slice
             total = self.guests[0].frontend.disk.sectors
@@ -458,7 +471,9 @@ class Demo:
             progress.end()
         stats = wl.stats
         summary = stats.as_dict()
-        summary.update(guests=nguests, metrics_url=_url(address), seed=wl.seed,
+        guests = [dict(disk=f"d{g.domid}/{g.disk.devid}", limit_iops=limit if i == 0 else None,
+                       **per) for i, (g, per) in enumerate(zip(self.guests, wl.per_frontend()))]
+        summary.update(guests=guests, metrics_url=_url(address), seed=wl.seed,
                        ok=stats.ok, frontend={
                            "lost": sum(g.frontend.stats.lost for g in self.guests),
                            "grants_busy_after_response": sum(
@@ -569,7 +584,8 @@ def main(argv: Union[None, Sequence[str], argparse.Namespace] = None) -> int:
         args = build_parser().parse_args(list(argv) if argv is not None else None)
     for name, default in (("guests", 1), ("seconds", 20.0), ("json", False), ("image", None),
                           ("writable", False), ("format", None), ("metrics_address", None),
-                          ("debug", False), ("kill_daemon_every", None)):
+                          ("debug", False), ("kill_daemon_every", None),
+                          ("limit_iops", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
     from gevent import monkey

@@ -7,9 +7,13 @@ JSON object per line, one request per connection::
 
     {"command": "list"}                      -> {"ok": true, "result": [disk, ...]}
     {"command": "stats", "disk": "d5/51712"} -> {"ok": true, "result": [stats]}
+    {"command": "limit", "disk": "d5/51712"} -> {"ok": true, "result": {"limits": ...}}
+    {"command": "limit", "disk": "d5/51712", "set": {"iops_total": 500, ...}}
+    {"command": "cbt", "disk": "d5/51712", "action": "enable|disable|reset|show"}
     anything wrong                           -> {"ok": false, "error": "one line"}
 
-Other commands may grow on it (``version`` and ``status`` exist). ``server`` runs
+``version`` and ``status`` exist too. ``limit`` and ``cbt`` change things (``gblk
+ctl``): a request they refuse (unknown disk, bad limits) changes nothing. ``server`` runs
 in the daemon (gevent); ``client`` is plain sockets (no gevent, no Xen) for the
 cli. The views are built from the same plain stats objects ``gblk.metrics``
 reads (``gblk.engine.stats``), read-only, on the hub, at request time: nothing on

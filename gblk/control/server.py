@@ -22,7 +22,7 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import gevent
 import gevent.pool
@@ -39,6 +39,10 @@ Provider = Callable[[], List[DiskFacts]]
 Status = Callable[[], Dict[str, Any]]
 #: ``handover(pid)``: release every disk for the process ``pid`` (gblk serve --takeover)
 Handover = Callable[[int], Dict[str, Any]]
+#: a command that changes something (``limit``, ``cbt``): (the request, its disk as
+#: parse_disk gives it) -> its result; ValueError or GblkError (one line, nothing
+#: changed) for a request it refuses
+Command = Callable[[Dict[str, Any], Tuple[int, Optional[str], int]], Any]
 
 
 class ControlError(GblkError):
@@ -49,7 +53,9 @@ class ControlServer:
     """``start()``/``stop()``, idempotent; ``stop()`` removes the socket file."""
 
     def __init__(self, path: str, provider: Provider, status: Optional[Status] = None,
-                 max_connections: int = 4, handover: Optional[Handover] = None) -> None:
+                 max_connections: int = 4, handover: Optional[Handover] = None,
+                 commands: Optional[Dict[str, Command]] = None,
+                 allowed_uids: Optional[Tuple[int, ...]] = None) -> None:
         self.path = path
         self._handover = handover
         self._provider = provider
@@ -57,6 +63,9 @@ class ControlServer:
         self._max = max_connections
         self._server: Optional[StreamServer] = None
         self._uid = os.geteuid()
+        self._commands = dict(commands or {})
+        #: peers allowed (SO_PEERCRED): root and the daemon's own user
+        self._allowed = allowed_uids if allowed_uids is not None else (0, self._uid)
         self._inode: Optional[int] = None
 
     @property
@@ -141,7 +150,7 @@ class ControlServer:
         try:
             conn.settimeout(REQUEST_TIMEOUT)
             pid, uid = _peer(conn)
-            if uid not in (0, self._uid):
+            if uid not in self._allowed:
                 reply = {"ok": False, "error": "permission denied: the control socket "
                          "answers root only"}
             else:
@@ -186,8 +195,18 @@ class ControlServer:
             import gblk
 
             return {"ok": True, "result": {"version": gblk.__version__}}
-        return {"ok": False, "error": f"unknown command {command!r}; known: list, stats, "
-                "status, version"}
+        handler = self._commands.get(command) if isinstance(command, str) else None
+        if handler is not None:
+            want = req.get("disk")
+            if not isinstance(want, str):
+                return {"ok": False, "error": f"{command}: \"disk\" is missing (d<domid>/<devid> "
+                        "as gblk list shows it)"}
+            try:
+                return {"ok": True, "result": handler(req, parse_disk(want))}
+            except (ValueError, GblkError) as e:
+                return {"ok": False, "error": str(e)}
+        known = ", ".join(["list", "stats", "status", "version"] + sorted(self._commands))
+        return {"ok": False, "error": f"unknown command {command!r}; known: {known}"}
 
     def _sorted(self) -> List[DiskFacts]:
         return sorted(self._provider(),

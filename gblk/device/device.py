@@ -34,6 +34,7 @@ from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
 from ..storage import Store, open_store
 from ..xen.interfaces import GrantTable, XenHost, XenStore, XenStoreOps
+from . import tracking
 from .state import Action, decide
 
 RESIZE_CHECK_INTERVAL = 2.0
@@ -56,6 +57,10 @@ class DeviceContext:
     backend_domid: int = 0
     #: where each ring's journal lives (gblk.engine.journal); None: no journals
     journal_dir: Optional[str] = None
+    #: every disk's IO limits (gblk.engine.throttle.Throttles; None: no limits)
+    throttles: Any = None
+    #: changed-block tracking settings (gblk.config.CbtConfig; None: not offered)
+    cbt: Any = None
 
 
 def _close_store(store: Store) -> None:
@@ -114,6 +119,9 @@ class Device:
         self._adopting = False
         #: the first look at the disk is done (serving, waiting or failed)
         self.settled = False
+        #: IO limits (gblk.engine.throttle.DiskThrottle) and dirty bitmap (gblk.engine.cbt)
+        self.throttle: Any = None
+        self.cbt: Any = None
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -132,6 +140,10 @@ class Device:
 
     def _release(self, timeout: float) -> None:
         self._stop_rings(timeout)
+        tracking.close(self)
+        if self.ctx.throttles is not None:
+            self.ctx.throttles.detach(self.key)
+            self.throttle = None
         if self.store is not None:
             store, self.store = self.store, None
             try:
@@ -277,6 +289,9 @@ class Device:
                 undo=_close_store)
             # an export the server offers read-only is served read-only, whatever mode says
             self._readonly = self._readonly or self.store.readonly
+        if self.ctx.throttles is not None and self.throttle is None:
+            self.throttle = self.ctx.throttles.attach(self.key, tracking.identity(self, path),
+                                                      self.stats)
         if self.gnttab is None:
             self.gnttab = self.ctx.host.open_grant_table()
         offer = self._offer()
@@ -319,6 +334,8 @@ class Device:
         size = ctx.control.call(f"reading the size of {self.store_path}", store.size)
         sectors = size // SECTOR_SIZE
         limits = self._limits(sectors)
+        if not self._readonly:
+            tracking.load(self, size)
         dp = Dataplane(
             host=ctx.host, gnttab=self.gnttab, store=store, domid=self.domid, abi=params.abi,
             limits=limits, path=mode, pool=ctx.pool, control=ctx.control,
@@ -328,6 +345,7 @@ class Device:
             journal_prefix=(f"{ctx.journal_dir}/{self.kind}-{self.domid}-{self.devid}"
                             if ctx.journal_dir else None),
             adopt=self._adopting,
+            throttle=self.throttle, cbt=self.cbt,
         )
         self.stats.persistent_grants_limit = (
             cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)
@@ -439,6 +457,8 @@ class Device:
             return
         self.log.info("resized: %d -> %d sectors", self.stats.sectors, sectors)
         self.stats.sectors = sectors
+        if self.cbt is not None:
+            self.cbt.grow(sectors * SECTOR_SIZE, self.store_path)
         if self.dataplane is not None:
             self.dataplane.resize(self._limits(sectors))
         xs = self.ctx.xs

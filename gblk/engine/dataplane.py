@@ -19,10 +19,12 @@ from ..blkif.validate import DiskLimits
 from ..storage import Store
 from ..xen.interfaces import GrantTable, XenHost
 from . import jobs
+from .cbt import Tracker
 from .control import ControlPool
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
+from .throttle import DiskThrottle
 
 
 class Dataplane:
@@ -51,6 +53,8 @@ class Dataplane:
         persistent_grant_idle: float,
         journal_prefix: Optional[str] = None,
         adopt: bool = False,
+        throttle: Optional[DiskThrottle] = None,
+        cbt: Optional[Tracker] = None,
     ) -> None:
         self.host = host
         self.gnttab = gnttab
@@ -71,6 +75,10 @@ class Dataplane:
         self.job = jobs.JobContext(gnttab, store, domid, limits, path)
         self.pages: PageSource = self.job.pages
         self.rings: List[RingWorker] = []
+        #: the disk's IO limits and dirty bitmap (None: none); the rings read them at
+        #: each request, so a change applies at once
+        self.throttle = throttle
+        self.cbt = cbt
 
     @property
     def path(self) -> str:

@@ -51,7 +51,7 @@ from ..blkif.ring import BackRing
 from ..blkif.validate import check_header, check_segments, indirect_pages, status_for
 from ..errors import GblkError, InvalidRequest, RingError
 from ..xen.interfaces import EventChannel, GrantMapping
-from . import crashpoints, jobs
+from . import crashpoints, jobs, throttle
 from .grants import PersistentGrants
 from .journal import HEADER_SIZE as _JOURNAL_HEADER
 from .journal import RingJournal, identity, recover
@@ -137,6 +137,13 @@ class RingWorker:
         self._status: List[Optional[int]] = []
         self._t0: List[float] = []
         self._label: List[str] = []
+        #: changed-block tracking: each write's token (gblk.engine.cbt), and the bitmap
+        #: generation the batch being built must see durable before it is issued
+        self._tok: List[int] = []
+        self._cbt_need = 0
+        self._timer: Any = None  # wakes a ring whose next request waits for its IO limits
+        self.jobs_submitted = 0  # requests handed to jobs so far (for cbt enable)
+        self.jobs_completed = 0
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -160,6 +167,7 @@ class RingWorker:
         self._status = [None] * n
         self._t0 = [0.0] * n
         self._label = ["read"] * n
+        self._tok = [0] * n
         self.evtchn = dp.host.open_event_channel()
         self.port = self.evtchn.bind_interdomain(dp.domid, self.remote_port)
         self._open_journal()
@@ -217,6 +225,9 @@ class RingWorker:
         if self._io is not None:
             self._io.stop()
             self._io = None
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         if self._jobs == 0:  # never unmap under a running job
             if self._pgrants is not None:
                 self._unmap(self._pgrants.drain(), wait=True)
@@ -378,6 +389,9 @@ class RingWorker:
         """Serve one request: answer it, or add its job to ``batch``. False: it must
         wait (a barrier behind running jobs); nothing was done."""
         op = block[off]
+        thr = self.dp.throttle
+        if thr is not None and thr.limiter is not None and not self._admit(block, off, slot, batch):
+            return False  # IO limits: it waits in ring order; a timer wakes the ring
         if op == _READ or op == _WRITE:
             self._rw(block, off, slot, op, batch)
             return True
@@ -394,6 +408,8 @@ class RingWorker:
             self._finish(slot, status_for(e.reason), e.reason, str(e))
             return True
         if op == Op.DISCARD:
+            if dp.cbt is not None:
+                self._cbt_mark(slot, req.sector_number, req.nr_sectors)
             batch.append((slot, jobs.run_discard,
                           (dp.job, req.sector_number, req.nr_sectors, bool(req.flag & 1)), None))
         elif op == Op.INDIRECT:
@@ -407,6 +423,9 @@ class RingWorker:
                 except InvalidRequest as e:
                     self._finish(slot, status_for(e.reason), e.reason, str(e))
                     return True
+                if dp.cbt is not None:
+                    self._cbt_mark(slot, req.sector_number,
+                                   sum(g.last_sect - g.first_sect + 1 for g in segs))
             barrier = op == Op.WRITE_BARRIER
             if barrier:
                 self._barrier = True
@@ -443,10 +462,12 @@ class RingWorker:
         cached and the store does it without blocking; else one job item, which gets
         the pages already sliced and pinned when every page is cached."""
         dp = self.dp
+        # a write whose bits are not durable yet goes in the batch, which waits for them
+        held = op == _WRITE and dp.cbt is not None and self._cbt_mark(slot, sector, sectors)
         pg = self._pgrants
         if pg is not None:
             store = dp.store
-            nowait = store.can_nowait(op == _WRITE)
+            nowait = store.can_nowait(op == _WRITE) and not held
             got = pg.views(segs, pin=not nowait)
             if got is not None:
                 views, used = got
@@ -480,6 +501,8 @@ class RingWorker:
                   sector: int, batch: List[_Item]) -> None:
         dp = self.dp
         refs = grefs[:indirect_pages(nr_segments)]
+        # a job reads the descriptors: its bits are marked for the most it can write
+        job_bits = op == _WRITE and dp.cbt is not None
         pg = self._pgrants
         if pg is not None:
             have = pg.acquire(refs)
@@ -498,9 +521,13 @@ class RingWorker:
                     return
                 self._data(slot, op, segs, sector, sectors, batch)
                 return
+            if job_bits:
+                self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
             batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, have),
                           list(have)))
             return
+        if job_bits:
+            self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
         batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, {}), None))
 
     def _cached(self, segs: Sequence[Segment]) -> Tuple[Dict[int, memoryview], Optional[List[int]]]:
@@ -518,6 +545,16 @@ class RingWorker:
         JOBS_PER_PASS jobs so that a slow store sees several requests at once."""
         n = len(batch)
         self._jobs += n
+        self.jobs_submitted += n
+        need, self._cbt_need = self._cbt_need, 0
+        cbt = self.dp.cbt
+        if need and cbt is not None:  # a write's bits are durable before it is issued
+            cbt.after(need, lambda: self._spawn(batch))
+        else:
+            self._spawn(batch)
+
+    def _spawn(self, batch: List[_Item]) -> None:
+        n = len(batch)
         fast = 0.0 < self._job_seconds < FAST_JOB_SECONDS
         per_job = n if fast else -(-n // JOBS_PER_PASS)
         done = self._done
@@ -550,6 +587,7 @@ class RingWorker:
         slot, fn, _, pinned = item
         st = self.stats
         self._jobs -= 1
+        self.jobs_completed += 1
         if fn is jobs.run_request and self._rop[slot] == Op.WRITE_BARRIER:
             self._barrier = False
         if pinned and self._pgrants is not None:
@@ -577,6 +615,10 @@ class RingWorker:
     def _finish(self, slot: int, status: int, reason: str, detail: str) -> None:
         """The only place an answer is recorded: once per consumed request."""
         self._status[slot] = int(status)
+        if self._tok[slot]:
+            tok, self._tok[slot] = self._tok[slot], 0
+            if self.dp.cbt is not None:
+                self.dp.cbt.done(tok)
         if reason:
             st = self.stats
             st.errors[reason] += 1
@@ -640,6 +682,41 @@ class RingWorker:
                 j.published(pvt)
             return notify
         return ring.push_responses()
+
+    # -- IO limits and changed-block tracking (gblk.engine.throttle, gblk.engine.cbt) --
+    def _admit(self, block: bytes, off: int, slot: int, batch: List[_Item]) -> bool:
+        """May this request go now under the disk's IO limits (it is counted then)?
+        Else a timer wakes the ring when it may."""
+        if self._stopping or (block[off] == Op.WRITE_BARRIER and (self._jobs or batch)):
+            return True  # a drain ignores limits; a held barrier is counted when it goes
+        cost = throttle.request_cost(self.dp.abi, block, off)
+        lim = self.dp.throttle.limiter if self.dp.throttle is not None else None
+        if cost is None or lim is None:
+            return True
+        now = time.monotonic()
+        wait = lim.admit(cost[0], cost[1], now)
+        if wait > 0:
+            lim.waiters.add(self._wake.set)  # new limits: look again at once
+            t = self._timer
+            if t is None or not t.active:
+                if t is not None:
+                    t.close()
+                t = self._timer = gevent.get_hub().loop.timer(wait)
+                t.start(self._wake.set)
+            return False
+        self.stats.throttle_wait["write" if cost[0] else "read"].observe(now - self._t0[slot])
+        return True
+
+    def _cbt_mark(self, slot: int, sector: int, nsectors: int) -> bool:
+        """Mark a write's bits; True when the batch must wait for the bitmap to be synced."""
+        cbt = self.dp.cbt
+        assert cbt is not None
+        if self._tok[slot]:  # never two marks of one request in flight
+            cbt.done(self._tok[slot])
+        need, self._tok[slot] = cbt.mark(sector, nsectors)
+        if need > self._cbt_need:
+            self._cbt_need = need
+        return need > 0
 
     # -- persistent grants -----------------------------------------------------------
     def _unmap(self, mappings: List[GrantMapping], wait: bool) -> None:

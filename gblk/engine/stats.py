@@ -102,6 +102,8 @@ class RingStats:
     notifications_received: int = 0
     notifications_sent: int = 0
     halted: bool = False
+    #: seconds each request on a disk with IO limits waited for them, by op (read, write)
+    throttle_wait: DefaultDict[str, Histogram] = field(default_factory=lambda: defaultdict(_latency))
 
     def absorb(self, other: "RingStats") -> None:
         """Add ``other``'s counters (not its gauges) to these: a device keeps the counts
@@ -112,6 +114,8 @@ class RingStats:
                 mine[k] += v
         for op, h in other.latency.items():
             self.latency[op].merge(h)
+        for op, h in other.throttle_wait.items():
+            self.throttle_wait[op].merge(h)
         self.batches.merge(other.batches)
         self.grant_maps += other.grant_maps
         self.grant_unmaps += other.grant_unmaps
@@ -147,6 +151,14 @@ class DeviceStats:
     nbd_connection_errors: int = 0
     #: times the server went away holding acknowledged writes it had not flushed
     nbd_unflushed_lost: int = 0
+    #: the IO limits in force (gblk.qos key -> value; empty: none)
+    io_limits: Dict[str, int] = field(default_factory=dict)
+    #: changed-block tracking: on, bytes one bit covers, bits set, bitmap syncs, their seconds
+    cbt_enabled: bool = False
+    cbt_granularity: int = 0
+    cbt_dirty_bits: int = 0
+    cbt_syncs: int = 0
+    cbt_sync_seconds: float = 0.0
 
 
 @dataclass

@@ -195,6 +195,24 @@ class _Families:
             "gblk_xenstore_connected", "1 while the XenStore connection is up.")
         self.watch_events = CounterMetricFamily(
             "gblk_watch_events", "XenStore watch events received.")
+        self.throttle_wait = HistogramMetricFamily(
+            "gblk_throttle_wait_seconds",
+            "Seconds requests of a disk with IO limits waited for them (from taken off the ring "
+            "to let go), by op (read, write).", labels=d + ["op"])
+        self.io_limit = GaugeMetricFamily(
+            "gblk_io_limit", "The disk's IO limits in force, by QEMU throttle key (iops_total, "
+            "bps_read_max, ...): requests or bytes per second, seconds for *_max_length.",
+            labels=d + ["limit"])
+        self.cbt_enabled = GaugeMetricFamily(
+            "gblk_cbt_enabled", "1 while changed-block tracking keeps a dirty bitmap of the disk.",
+            labels=d)
+        self.cbt_dirty = GaugeMetricFamily(
+            "gblk_cbt_dirty_bytes", "Bytes of the disk its dirty bitmap marks as changed.", labels=d)
+        self.cbt_syncs = CounterMetricFamily(
+            "gblk_cbt_syncs", "Writes of the dirty bitmap to stable storage (each before the "
+            "writes that set new bits were issued).", labels=d)
+        self.cbt_sync_seconds = CounterMetricFamily(
+            "gblk_cbt_sync_seconds", "Seconds spent writing and syncing the dirty bitmap.", labels=d)
         self.build = InfoMetricFamily(
             "gblk_build", "gblk version, the git revision it was built from and the Python that runs it.",
             labels=["version", "revision", "python"])
@@ -206,7 +224,9 @@ class _Families:
             self.pgrants, self.pgrants_limit, self.pgrant_evictions, self.batches, self.state,
             self.connected, self.size, self.reconnects, self.nbd_connected, self.nbd_reconnects,
             self.nbd_errors, self.nbd_lost, self.notif_rx, self.notif_tx,
-            self.xs_connections, self.xs_connected, self.watch_events, self.build,
+            self.throttle_wait, self.io_limit, self.cbt_enabled, self.cbt_dirty, self.cbt_syncs,
+            self.cbt_sync_seconds, self.xs_connections, self.xs_connected, self.watch_events,
+            self.build,
         ]
 
 
@@ -313,6 +333,21 @@ class GblkCollector:
             fam.nbd_errors.add_metric(lab, dev.nbd_connection_errors)
             fam.nbd_lost.add_metric(lab, dev.nbd_unflushed_lost)
 
+        limited = bool(dev.io_limits)
+        waits = _ordered_keys(ALWAYS_LATENCY_OPS if limited else (),
+                              *(r.throttle_wait.keys() for r in rings))
+        for op in waits:
+            hists = [h for h in (r.throttle_wait.get(op) for r in rings) if h is not None]
+            buckets, total = _merge_histograms(hists or [Histogram(LATENCY_BUCKETS)])
+            fam.throttle_wait.add_metric(lab + [op], buckets, total)
+        for key, value in sorted(dev.io_limits.items()):
+            fam.io_limit.add_metric(lab + [key], value)
+        fam.cbt_enabled.add_metric(lab, 1 if dev.cbt_enabled else 0)
+        fam.cbt_dirty.add_metric(lab, dev.cbt_dirty_bits * dev.cbt_granularity
+                                 if dev.cbt_enabled else 0)
+        fam.cbt_syncs.add_metric(lab, dev.cbt_syncs)
+        fam.cbt_sync_seconds.add_metric(lab, dev.cbt_sync_seconds)
+
         for ring in live:
             qlab = lab + [str(ring.queue)]
             fam.in_flight.add_metric(qlab, ring.in_flight)
@@ -341,6 +376,9 @@ def _copy_ring(r: RingStats) -> RingStats:
         latency[op] = _copy_histogram(h)
     c.latency = latency
     c.batches = _copy_histogram(r.batches)
+    c.throttle_wait = r.throttle_wait.copy()
+    for op, h in list(c.throttle_wait.items()):
+        c.throttle_wait[op] = _copy_histogram(h)
     return c
 
 
@@ -352,6 +390,7 @@ def snapshot_stats(stats: DaemonStats) -> DaemonStats:
     for key, dev in list(stats.devices.items()):
         d = copy.copy(dev)
         d.errors = dev.errors.copy()
+        d.io_limits = dict(dev.io_limits)
         d.rings = {q: _copy_ring(r) for q, r in list(dev.rings.items())}
         d.retired = _copy_ring(dev.retired)
         devices[key] = d

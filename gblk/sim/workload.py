@@ -127,6 +127,8 @@ class _Target:
         self.rnd = rnd
         self.inflight: List[Tuple[int, int]] = []
         self.recent: Deque[Tuple[int, int]] = deque(maxlen=256)
+        self.requests = 0  # operations completed on this frontend
+        self.bytes = 0
         self.align = max(1, fe.disk.sector_size // SECTOR_SIZE)
 
     def overlaps(self, a: int, b: int) -> bool:
@@ -190,6 +192,13 @@ class Workload:
 
     def elapsed(self) -> float:
         return time.monotonic() - self.stats.started if self.stats.started else 0.0
+
+    def per_frontend(self) -> List[Dict[str, float]]:
+        """Each frontend's IOPS and MiB/s over the run, in the order given."""
+        secs = self.stats.elapsed or self.elapsed() or 1e-9
+        return [{"requests": t.requests, "bytes": t.bytes,
+                 "iops": round(t.requests / secs, 1),
+                 "mib_per_s": round(t.bytes / secs / (1 << 20), 2)} for t in self._targets]
 
     def _finish(self) -> None:
         if self.stats.started and not self.stats.elapsed:
@@ -330,6 +339,9 @@ class Workload:
                           " (lost)" if res.lost else "")
             return
         s.ring_requests += res.requests
+        t.requests += 1
+        if kind not in ("discard", "secure_discard"):
+            t.bytes += n * SECTOR_SIZE
         if res.mismatch is not None:
             s.mismatches += 1
         nbytes = n * SECTOR_SIZE

@@ -74,9 +74,23 @@ def test_demo_two_guests_on_one_image(child_env, tmp_path):
                   "--format", "raw", "--metrics-address", "127.0.0.1:0"], child_env)
     assert p.returncode == 0, p.stdout + p.stderr
     s = json.loads(p.stdout.strip().splitlines()[-1])
-    assert s["guests"] == 2 and s["errors"] == 0 and s["mismatches"] == 0
+    assert len(s["guests"]) == 2 and s["errors"] == 0 and s["mismatches"] == 0
     assert p.stdout.count("guest d") == 2
     assert os.path.getsize(image) == 64 << 20
+
+
+def test_demo_shows_a_limited_guest_beside_a_free_one(child_env):
+    """--guests 2 --limit-iops 10: the JSON lists each guest; the first keeps to about
+    10 IOPS (flushes and barriers are not counted against it, so a little more), the
+    second, unlimited, does more, and everything still verifies."""
+    p = run_demo(["--json", "--seconds", "3", "--guests", "2", "--limit-iops", "10"], child_env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    first, second = s["guests"]
+    assert first["limit_iops"] == 10 and second["limit_iops"] is None
+    assert 0 < first["iops"] <= 13 and first["mib_per_s"] > 0, first
+    assert second["iops"] > first["iops"], s["guests"]
+    assert "limited to 10 IOPS" in p.stdout and s["errors"] == 0 and s["mismatches"] == 0
 
 
 def test_demo_ctrl_c_shuts_down_cleanly(child_env):
