@@ -52,6 +52,19 @@ def metrics_url(proc: BackendProcess, timeout: float = 20.0) -> str:
     raise AssertionError("daemon never served metrics:\n" + proc.log_text())
 
 
+def wait_ready(proc: BackendProcess, timeout: float = 30.0) -> None:
+    """Until the daemon logs that it serves: its disks taken over, then its metrics and
+    control socket up (a restarted gblk opens its sockets after the disks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if re.search(r"gblk \S+ serving ", proc.log_text()):
+            return
+        if not proc.alive():
+            raise AssertionError("daemon died:\n" + proc.log_text())
+        time.sleep(0.05)
+    raise AssertionError("daemon never said it serves:\n" + proc.log_text())
+
+
 def scrape(url: str) -> Dict[str, float]:
     """Sample name with labels -> value (classic text format)."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()

@@ -23,7 +23,8 @@ import gevent
 from gblk.engine import cbt as cbtmod
 from gblk.sim.host import SimHost
 
-from .backend_support import logs_on_failure, metric, metrics_url, pattern, scrape, start_daemon
+from .backend_support import (logs_on_failure, metric, metrics_url, pattern, scrape, start_daemon,
+                              wait_ready)
 from .qos_support import ask, ctl, first_disk
 
 MiB = 1 << 20
@@ -168,6 +169,7 @@ def test_after_sigkill_the_bitmap_covers_every_change_and_tracking_goes_on():
 
             second = start_daemon(host, "second", toml)
             procs.append(second)
+            wait_ready(second)
         with logs_on_failure(*procs):
             gevent.joinall(workers, timeout=60)
             for _, r in results:
