@@ -1,6 +1,6 @@
 """A simulated xenstored: the real XenStore wire protocol on Unix sockets, on gevent.
 
-Clients cannot tell it from C xenstored for what a backend uses: pyxs, Debian's
+Clients cannot tell it from C xenstored for what a backend uses: gblk's clients, Debian's
 ``xenstore-*`` tools (``XENSTORED_PATH=<socket>``) and libxenstore talk to it
 unchanged. A connection on the main socket ``PATH`` acts as dom0 (privileged).
 ``INTRODUCE(domid, mfn, port)`` opens ``PATH + ".d<domid>"``, whose connections act
@@ -38,8 +38,8 @@ import gevent.socket
 from gevent.pool import Group
 
 from gblk.sim import xs_store as xs
-from gblk.sim import xs_wire as w
-from gblk.sim.xs_wire import XsError
+from gblk.xen import xs_wire as w
+from gblk.xen.xs_wire import XsError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _WRITE_BATCH = 64 * 1024
 
 
 def _event_message(path: str, token: bytes) -> Optional[bytes]:
-    payload = path.encode("latin-1") + b"\0" + token + b"\0"
+    payload = w.watch_event_payload(path.encode("latin-1"), token)
     if len(payload) > w.XENSTORE_PAYLOAD_MAX:
         return None  # xenstored does not send over-long events either
     return w.pack(w.XS_WATCH_EVENT, 0, 0, payload)
@@ -324,12 +324,12 @@ class XenStoreServer:
         try:
             rtype, body = mtype, self._dispatch(conn, mtype, tx_id, payload, after)
         except XsError as e:
-            rtype, body = w.XS_ERROR, e.name.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(e.name)
         except Exception:  # a bug here must not take the server down
             log.exception("internal error handling %s", w.TYPE_NAMES.get(mtype, mtype))
-            rtype, body = w.XS_ERROR, w.EIO.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(w.EIO)
         if len(body) > w.XENSTORE_PAYLOAD_MAX:
-            rtype, body = w.XS_ERROR, w.E2BIG.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(w.E2BIG)
         self._send(conn, w.pack(rtype, req_id, tx_id, body))
         for msg in after:
             self._send(conn, msg)

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from gblk.sim import xs_wire as w
-from gblk.sim.xs_wire import XsError
+from gblk.xen import xs_wire as w
+from gblk.xen.xs_wire import XsError
 
 PERM_NONE = 0
 PERM_READ = 1
