@@ -30,6 +30,7 @@ from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
 from .engine.control import ControlPool
+from .engine.handles import EventChannels, SharedGrantTable
 from .engine.stats import DaemonStats
 from .errors import ConfigError, GblkError
 from .logs import GuestLogRate, set_level
@@ -114,7 +115,8 @@ class Daemon:
             host=host, xs=self.xs, pool=hub.threadpool, control=self.control_pool,
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
-            backend_domid=host.domid,
+            backend_domid=host.domid, events=EventChannels(host.open_event_channel),
+            grants=SharedGrantTable(host.open_grant_table),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()

@@ -29,6 +29,7 @@ from ..config import BackendConfig
 from ..engine import pages
 from ..engine.control import ControlPool
 from ..engine.dataplane import Dataplane
+from ..engine.handles import EventChannels, SharedGrantTable
 from ..engine.stats import DaemonStats, DeviceStats
 from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
@@ -54,6 +55,9 @@ class DeviceContext:
     log_rate: GuestLogRate
     stop_timeout: float
     backend_domid: int = 0
+    #: the daemon's one event-channel and one grant-table handle (None: one per disk)
+    events: Optional[EventChannels] = None
+    grants: Optional[SharedGrantTable] = None
 
 
 def _close_store(store: Store) -> None:
@@ -256,7 +260,9 @@ class Device:
                 f"opening {path}", open_store, fmt, path, self._readonly, self._direct,
                 undo=_close_store)
         if self.gnttab is None:
-            self.gnttab = self.ctx.host.open_grant_table()
+            grants = self.ctx.grants
+            self.gnttab = (grants.acquire() if grants is not None
+                           else self.ctx.host.open_grant_table())
         offer = self._offer()
         nodes = xb.early_nodes(offer, cfg.max_indirect_segments)
         nodes[xb.HOTPLUG_STATUS] = "connected"
@@ -304,7 +310,7 @@ class Device:
             limits=limits, path=mode, pool=ctx.pool, control=ctx.control,
             device_stats=self.stats, log=self.log,
             guest_log=self.log.guest_warning, max_persistent_grants=cfg.max_persistent_grants,
-            persistent_grant_idle=cfg.persistent_grant_idle,
+            persistent_grant_idle=cfg.persistent_grant_idle, events=ctx.events,
         )
         self.stats.persistent_grants_limit = (
             cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)

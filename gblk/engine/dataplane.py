@@ -5,14 +5,14 @@ manner of QEMU's xen-block dataplane: create (the constructor), ``start(queues)`
 ``stop(timeout)``, ``resize(limits)`` and ``set_persistent_limit(n)``. Everything the
 rings share lives here once: the store, the grant table, the ABI, the page source
 (``gblk.engine.pages``: copy, map or persistent), the limits the frontend was told,
-the threadpool (guests' IO), the control pool (ring maps and teardown unmaps, each with
+the daemon's event-channel handle (``gblk.engine.handles``), the threadpool (guests' IO), the control pool (ring maps and teardown unmaps, each with
 a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Abi
 from ..blkif.validate import DiskLimits
@@ -20,6 +20,7 @@ from ..storage import Store
 from ..xen.interfaces import GrantTable, XenHost
 from . import jobs
 from .control import ControlPool
+from .handles import EventChannels
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
@@ -49,8 +50,11 @@ class Dataplane:
         guest_log: Callable[[str], None],
         max_persistent_grants: int,
         persistent_grant_idle: float,
+        events: Optional[EventChannels] = None,
     ) -> None:
         self.host = host
+        #: the daemon's shared event-channel handle (a handle of this disk's own if None)
+        self.events = events if events is not None else EventChannels(host.open_event_channel)
         self.gnttab = gnttab
         self.store = store
         self.domid = domid
