@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import resource
 import sys
 import time
 from typing import Any, List, Optional
@@ -29,6 +30,7 @@ from .config import Config
 from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
+from .device.resize import ResizeWatcher
 from .engine.control import ControlPool
 from .engine.handles import EventChannels, SharedGrantTable
 from .engine.stats import DaemonStats
@@ -53,6 +55,29 @@ def make_host(config: Config) -> XenHost:
     from .xen.host import RealXenHost
 
     return RealXenHost(timeout=config.daemon.xenstore_timeout)
+
+
+#: soft RLIMIT_NOFILE the daemon asks for (capped by the hard limit): a few fds per disk
+#: (its image; docs/architecture.md, "Scale") and headroom for sockets
+WANTED_NOFILE = 65536
+
+
+def raise_fd_limit(wanted: int = WANTED_NOFILE) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never past the hard limit, never
+    down), log what it is, and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("file descriptor limit raised from %d to %d (hard limit %s)", soft,
+                     target, "unlimited" if hard == resource.RLIM_INFINITY else hard)
+            return target
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the file descriptor limit from %d: %s", soft, e)
+    else:
+        log.info("file descriptor limit %d", soft)
+    return soft
 
 
 class Daemon:
@@ -88,6 +113,7 @@ class Daemon:
             raise ConfigError(
                 "daemon.kinds includes vbd, but the kernel's xen-blkback is loaded and claims "
                 "every vbd: unload it (modprobe -r xen-blkback) or serve qdisk/vbd3 only")
+        raise_fd_limit()
         # fail fast, with one clear line, when a piece of Xen is missing
         self.xs = host.open_xenstore()
         host.open_grant_table().close()
@@ -116,7 +142,7 @@ class Daemon:
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
             backend_domid=host.domid, events=EventChannels(host.open_event_channel),
-            grants=SharedGrantTable(host.open_grant_table),
+            grants=SharedGrantTable(host.open_grant_table), resize=ResizeWatcher(),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         self.bus.start()

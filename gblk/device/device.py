@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import gevent
+import gevent.lock
 
 from ..blkif import xenbus as xb
 from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
@@ -35,8 +36,11 @@ from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
 from ..storage import Store, open_store
 from ..xen.interfaces import GrantTable, XenHost, XenStore, XenStoreOps
+from .resize import ResizeWatcher
 from .state import Action, decide
 
+#: seconds between size checks of a connected disk whose image cannot be watched
+#: (``gblk.device.resize``: inotify or uevents unavailable); watched ones are never polled
 RESIZE_CHECK_INTERVAL = 2.0
 
 
@@ -58,6 +62,8 @@ class DeviceContext:
     #: the daemon's one event-channel and one grant-table handle (None: one per disk)
     events: Optional[EventChannels] = None
     grants: Optional[SharedGrantTable] = None
+    #: tells connected disks when their image may have changed size (None: timed checks)
+    resize: Optional[ResizeWatcher] = None
 
 
 def _close_store(store: Store) -> None:
@@ -103,6 +109,12 @@ class Device:
         self._direct = False
         self._discard_enable = True
         self._connected_before = False
+        #: held while the control loop or a resize check changes the device
+        self._busy = gevent.lock.Semaphore()
+        self._resize_token: Optional[int] = None
+        self._resize_polled = False  # no watch on the image: check on a timer
+        self._resizer: Optional[gevent.Greenlet] = None
+        self._resize_again = False
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -133,6 +145,9 @@ class Device:
         if self._sub is not None:
             self._sub.close()
             self._sub = None
+        r = self._resizer
+        if r is not None and r is not gevent.getcurrent():
+            r.kill(block=True, timeout=1)
         self.log.flush_suppressed()
 
     def _crashed(self, g: gevent.Greenlet) -> None:
@@ -158,16 +173,57 @@ class Device:
             paths.append(f"{self._frontend}/{xb.STATE}")
         self._sub = xs.watch(paths)
         while True:
-            self._evaluate()
+            with self._busy:
+                self._evaluate()
             if self.removed:
                 return
-            fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
+            # idle: nothing but XenStore (and the resize watcher) wakes a watched disk
+            poll = RESIZE_CHECK_INTERVAL if self.attached and self._resize_polled else None
+            fired = self._sub.get(timeout=poll)
             if fired is None and self.attached:
-                try:
-                    self._check_resize()
-                except (GblkError, OSError) as e:  # the store stopped answering
-                    _, f, online = self._read_states()
-                    self._fail(f"checking the size of {self.store_path}: {e}", f, online)
+                with self._busy:
+                    self._resize_check()
+
+    def _resize_check(self) -> None:
+        """Re-read the size (with ``_busy`` held); a store that stopped answering fails
+        the device."""
+        if not self.attached or self.removed:
+            return
+        try:
+            self._check_resize()
+        except (GblkError, OSError) as e:
+            _, f, online = self._read_states()
+            self._fail(f"checking the size of {self.store_path}: {e}", f, online)
+
+    def _size_may_have_changed(self) -> None:
+        """From the resize watcher: check once, again if it fires meanwhile."""
+        if self._resizer is not None and not self._resizer.dead:
+            self._resize_again = True
+            return
+        self._resizer = gevent.spawn(self._resize_soon)
+
+    def _resize_soon(self) -> None:
+        while True:
+            self._resize_again = False
+            with self._busy:
+                self._resize_check()
+            if not self._resize_again:
+                return
+
+    def _watch_size(self) -> None:
+        watcher = self.ctx.resize
+        path = getattr(self.store, "path", None)
+        token = None
+        if watcher is not None and isinstance(path, str) and self._resize_token is None:
+            token = watcher.watch(path, self._size_may_have_changed)
+        self._resize_token = token
+        self._resize_polled = token is None
+
+    def _unwatch_size(self) -> None:
+        token, self._resize_token = self._resize_token, None
+        if token is not None and self.ctx.resize is not None:
+            self.ctx.resize.unwatch(token)
+        self._resize_polled = False
 
     def _read_states(self) -> tuple:
         xs = self.ctx.xs
@@ -322,6 +378,7 @@ class Device:
             self._stop_rings(ctx.stop_timeout)
             raise
         self.attached = True
+        self._watch_size()
         info = (VDISK_READONLY if self._readonly else 0) | (
             VDISK_CDROM | VDISK_REMOVABLE if self._cdrom else 0)
         discard = None
@@ -358,6 +415,7 @@ class Device:
         return pages.MAP
 
     def _stop_rings(self, timeout: float) -> None:
+        self._unwatch_size()
         dp, self.dataplane = self.dataplane, None
         if dp is not None:
             dp.stop(timeout)
