@@ -317,6 +317,8 @@ filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # push fds pas
 gevent.sleep(0)  # the hub's own fds exist from here on
 before = len(os.listdir("/proc/self/fd"))
 xs = GeventXenStore(sys.argv[1], timeout=20)
+for i in range(64):  # the nodes exist: the transactions below do not conflict
+    xs.write(f"/many/{i}", "")
 sub = xs.watch(["/many"])
 assert sub.get(20) == "/many"
 def one(i):
