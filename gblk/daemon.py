@@ -14,6 +14,7 @@ socket that cannot be made is logged and left out.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -214,6 +215,8 @@ class Daemon:
                         self.metrics_url() if self.metrics_url()
                         else f"not listening: {self.metrics_error} (retrying)"),
             "started": self.stats.started,
+            # live greenlets (a leak check for the scale test and `gblk status` readers)
+            "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet)),
         }
 
     def metrics_url(self) -> str:
