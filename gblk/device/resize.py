@@ -129,7 +129,8 @@ class ResizeWatcher:
             wd = self._inotify.add(path)  # the same wd for every disk on this inode
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EMFILE, errno.ENOSYS, errno.EPERM,
-                           errno.EACCES, errno.EPROTONOSUPPORT, errno.ENOENT):
+                           errno.EACCES, errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT,
+                           errno.ENOENT):
                 log.warning("cannot watch %s for resizes (%s): checking it on a timer",
                             path, e.strerror or e)
                 return None
