@@ -114,11 +114,11 @@ class Daemon:
             raise ConfigError(
                 "daemon.kinds includes vbd, but the kernel's xen-blkback is loaded and claims "
                 "every vbd: unload it (modprobe -r xen-blkback) or serve qdisk/vbd3 only")
-        raise_fd_limit()
         # fail fast, with one clear line, when a piece of Xen is missing
         self.xs = host.open_xenstore()
         host.open_grant_table().close()
         host.open_event_channel().close()
+        raise_fd_limit()
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
