@@ -14,8 +14,15 @@ for all six. Figures (connect time, RSS, idle CPU) are printed by
 from __future__ import annotations
 
 import os
+import resource
+
+import pytest
+
 from gblk.control.client import daemon_greenlets
+from gblk.sim.host import BackendProcess, SimHost, child_env
 from gblk.sim.scale import report, run_scale
+
+from .lifecycle_support import wait_until
 
 DISKS = int(os.environ.get("GBLK_SCALE_DISKS", "32"))
 #: the issue's budget of file descriptors per idle disk
@@ -36,3 +43,30 @@ def test_many_disks_connect_serve_and_give_everything_back() -> None:
     assert r.idle.maps > 0 and r.after.maps == 0, (r.idle, r.after)
     assert r.base.greenlets is not None and r.after.greenlets == r.base.greenlets, (
         r.base, r.after)
+
+
+def _soft_nofile(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+def test_daemon_raises_its_fd_soft_limit_and_says_so() -> None:
+    """Started with a soft limit of 256 (and a higher hard limit), the daemon raises
+    its soft limit to the hard one (at most 65536) and logs the new limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to raise to")
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    with SimHost() as host:
+        argv = ["sh", "-c", 'ulimit -Sn 256 && exec "$@"', "sh", *host.backend_argv()]
+        daemon = BackendProcess(argv, os.path.join(host.dir, "nofile.log"), child_env())
+        try:
+            wait_until(lambda: "file descriptor limit raised" in daemon.log_text(),
+                       "the daemon's log line about its fd limit")
+            assert f"from 256 to {want}" in daemon.log_text()
+            assert _soft_nofile(daemon.pid) == want
+        finally:
+            daemon.stop()
