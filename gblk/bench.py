@@ -149,6 +149,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="changed-block tracking on, at this granularity (e.g. 65536), its map "
                         "reset before each job: what tracking costs (cbt column)")
     p.add_argument("--json", action="store_true", help="last stdout line: the rows as JSON")
+    p.add_argument("--disks", default=None, metavar="N[,N...]",
+                   help="the scale mode instead of the IO jobs: N idle disks (guests of four) "
+                        "connected at once to one daemon; prints the time to connect them all, "
+                        "RSS, file descriptors and greenlets per idle disk, and idle CPU "
+                        "(e.g. --disks 1,64,256)")
     return p
 
 
@@ -179,6 +184,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> Tuple[argparse.Namespace, List[
         raise Usage(f"--size must be at least 16 (MiB), not {args.size}")
     if args.image_dir is not None and not os.path.isdir(args.image_dir):
         raise Usage(f"--image-dir {args.image_dir}: not a directory")
+    if args.disks is not None:
+        try:
+            args.disks = [int(n) for n in args.disks.split(",") if n.strip()]
+        except ValueError:
+            raise Usage(f"--disks {args.disks!r}: comma-separated numbers of disks") from None
+        if not args.disks or min(args.disks) < 1 or max(args.disks) > 4096:
+            raise Usage("--disks: numbers of disks from 1 to 4096")
     return args, [j for j in JOBS if j.name in names], paths
 
 
@@ -613,10 +625,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say(f"gblk bench: {e}")
         return 2
     try:
+        if args.disks:
+            return _run_scale(args.disks, args.seconds, args.json)
         return _run(args, jobs, paths)
     except Failure as e:
         _say(f"gblk bench: {e}")
         return 1
+
+
+def _run_scale(counts: Sequence[int], seconds: float, as_json: bool) -> int:
+    """``--disks``: the scale scenario of ``gblk.sim.scale`` once per count."""
+    from .control.client import daemon_greenlets
+    from .sim.scale import MiB as _MiB
+    from .sim.scale import report, run_scale
+
+    rows: List[Dict[str, Any]] = []
+    for n in counts:
+        _say(f"-- {n} disk(s)")
+        try:
+            r = run_scale(n, idle_seconds=seconds, say=_say, greenlets_of=daemon_greenlets)
+        except Exception as e:  # noqa: BLE001 - one line, exit 1
+            raise Failure(f"{n} disks: {e}") from e
+        print(report(r), flush=True)
+        rows.append({
+            "disks": n, "guests": r.guests, "connect_s": round(r.connect_s, 2),
+            "rss_mib_per_disk": round(r.per_disk("rss") / _MiB, 3),
+            "fds_per_disk": round(r.per_disk("fds"), 2),
+            "greenlets_per_disk": (None if r.idle.greenlets is None or r.base.greenlets is None
+                                   else round(r.per_disk("greenlets"), 2)),
+            "idle_cpu_pct": round(r.idle_cpu * 100, 3),
+            "connected": r.connected, "closed": r.closed, "mismatches": r.mismatches,
+            "fds_left": r.after.fds - r.base.fds, "maps_left": r.after.maps - r.base.maps,
+        })
+        if r.connected != n or r.mismatches or r.after.fds != r.base.fds:
+            raise Failure(f"{n} disks: {r.connected} connected, {r.mismatches} mismatches, "
+                          f"{r.after.fds - r.base.fds} fds not given back")
+    if as_json:
+        print(json.dumps(rows))
+    return 0
 
 
 def _guest_ram_dir() -> Optional[str]:

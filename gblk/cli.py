@@ -18,7 +18,7 @@ as one line ``gblk: <message>``), 2 a configuration or usage error, 130 interrup
 Tracebacks only with ``--debug``.
 
 This is an entry point: it monkey-patches gevent (``patch_all(queue=False)``, before
-anything imports pyxs) for the commands that run gevent code, and imports the heavy
+the daemon's modules are imported) for the commands that run gevent code, and imports the heavy
 layers lazily so ``gblk config`` and ``--help`` stay fast and Xen-free. It must not
 contain daemon logic; it only chooses and calls.
 """
@@ -34,15 +34,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import gblk
 from gblk.errors import ConfigError, GblkError
 
-#: subcommands that run gevent code (and may import pyxs)
+#: subcommands that run gevent code
 _GEVENT_COMMANDS = frozenset({"serve", "demo", "sim", "bench"})
 #: subcommands whose arguments belong to the module they run
 _PASS_THROUGH = frozenset({"sim", "bench"})
 
 
 def _patch_gevent() -> None:
-    """Monkey-patch before pyxs or the daemon are imported. ``queue=False``: with
-    gevent >= 25.4 a patched ``queue`` breaks pyxs's ``Monitor.wait``."""
+    """Monkey-patch before the daemon is imported (its threadpool and subprocesses).
+    ``queue=False``: the standard queue module stays a thread queue."""
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):

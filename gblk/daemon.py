@@ -14,9 +14,11 @@ socket that cannot be made is logged and left out.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import resource
 import sys
 import time
 from typing import Any, List, Optional
@@ -29,8 +31,10 @@ from .config import Config
 from .control.views import DiskFacts
 from .device.bus import Bus
 from .device.device import DeviceContext
+from .device.resize import ResizeWatcher
 from .engine import crashpoints
 from .engine.control import ControlPool
+from .engine.handles import EventChannels, SharedGrantTable
 from .engine.stats import DaemonStats
 from .engine.throttle import Throttles
 from .errors import ConfigError, GblkError
@@ -54,6 +58,29 @@ def make_host(config: Config) -> XenHost:
     from .xen.host import RealXenHost
 
     return RealXenHost(timeout=config.daemon.xenstore_timeout)
+
+
+#: soft RLIMIT_NOFILE the daemon asks for (capped by the hard limit): a few fds per disk
+#: (its image; docs/architecture.md, "Scale") and headroom for sockets
+WANTED_NOFILE = 65536
+
+
+def raise_fd_limit(wanted: int = WANTED_NOFILE) -> int:
+    """Raise the soft RLIMIT_NOFILE towards ``wanted`` (never past the hard limit, never
+    down), log what it is, and return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("file descriptor limit raised from %d to %d (hard limit %s)", soft,
+                     target, "unlimited" if hard == resource.RLIM_INFINITY else hard)
+            return target
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the file descriptor limit from %d: %s", soft, e)
+    else:
+        log.info("file descriptor limit %d", soft)
+    return soft
 
 
 class Daemon:
@@ -102,6 +129,7 @@ class Daemon:
         self.xs = host.open_xenstore()
         host.open_grant_table().close()
         host.open_event_channel().close()
+        raise_fd_limit()
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
@@ -113,7 +141,8 @@ class Daemon:
             config=cfg.backend, stats=self.stats,
             log_rate=self.log_rate, stop_timeout=cfg.daemon.stop_timeout,
             backend_domid=host.domid, journal_dir=_journal_dir(cfg),
-            throttles=self.throttles, cbt=cfg.cbt,
+            throttles=self.throttles, cbt=cfg.cbt, events=EventChannels(host.open_event_channel),
+            grants=SharedGrantTable(host.open_grant_table), resize=ResizeWatcher(),
         )
         self.bus = Bus(ctx, cfg.daemon.kinds)
         predecessor = self._take_over() if self.takeover else None
@@ -269,6 +298,8 @@ class Daemon:
                         self.metrics_url() if self.metrics_url()
                         else f"not listening: {self.metrics_error} (retrying)"),
             "started": self.stats.started,
+            # live greenlets (a leak check for the scale test and `gblk status` readers)
+            "greenlets": sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet)),
         }
 
     def metrics_url(self) -> str:

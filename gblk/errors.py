@@ -1,6 +1,6 @@
 """gblk's small exception tree.
 
-Every layer raises these (or builtins); library errors (pyxs, cffi, OSError from
+Every layer raises these (or builtins); library errors (cffi, OSError from
 /dev/xen) are converted into them at the ``gblk.xen`` boundary and nowhere else.
 This module imports nothing from gblk, so every layer may import it.
 """

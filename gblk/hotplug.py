@@ -31,7 +31,7 @@ What this script does:
   bounded the same way; on timeout it exits 1 with a message on stderr.
 
 ``online``/``offline`` are accepted as synonyms of ``add``/``remove``. XenStore is
-reached through :class:`gblk.xen.xenstore.PyxsXenStore` (``$XENSTORED_PATH`` selects
+reached through :class:`gblk.xen.xenstore.GeventXenStore` (``$XENSTORED_PATH`` selects
 another socket, as for Debian's ``xenstore-*`` tools). This module is an entry point:
 it may import the xen layer, nothing may import it.
 """

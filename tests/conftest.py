@@ -1,9 +1,8 @@
 """Test-session setup shared by every layer of tests.
 
 The test process is an entry point like ``gblk`` itself: gevent is monkey-patched
-here, first, before any test module imports pyxs (``queue=False``: a patched
-``queue`` breaks pyxs's ``Monitor.wait`` with gevent >= 25.4). Library code never
-patches.
+here, first, before any test module is imported (``queue=False``, as ``gblk`` does).
+Library code never patches.
 
 Fixtures here are small and generic: how to run ``gblk`` as a real process, and a
 simulated xenstored on a real Unix socket.

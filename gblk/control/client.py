@@ -59,6 +59,16 @@ def request(path: str, payload: Dict[str, Any], timeout: float = TIMEOUT) -> Any
     return reply.get("result")
 
 
+def daemon_greenlets(path: str, timeout: float = TIMEOUT) -> Optional[int]:
+    """The daemon's live greenlets (its ``status``), None if it cannot tell."""
+    try:
+        status = request(path, {"command": "status"}, timeout)
+    except GblkError:
+        return None
+    value = status.get("greenlets") if isinstance(status, dict) else None
+    return value if isinstance(value, int) else None
+
+
 def _size(n: int) -> str:
     for unit, div in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1024)):
         if n >= div:

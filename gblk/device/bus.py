@@ -80,6 +80,8 @@ class Bus:
                 domid, devid = int(parts[0]), int(parts[1])
             except ValueError:
                 return
+            if len(parts) > 2 and (domid, kind, devid) in self.devices:
+                return  # a node inside a served device's directory: the device watches it
             self._scan_one(kind, domid, devid)
             return
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import gevent
+import gevent.lock
 
 from ..blkif import xenbus as xb
 from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
@@ -29,14 +30,18 @@ from ..config import BackendConfig
 from ..engine import pages
 from ..engine.control import ControlPool
 from ..engine.dataplane import Dataplane
+from ..engine.handles import EventChannels, SharedGrantTable
 from ..engine.stats import DaemonStats, DeviceStats
 from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
 from ..storage import Store, open_store
 from ..xen.interfaces import GrantTable, XenHost, XenStore, XenStoreOps
 from . import tracking
+from .resize import ResizeWatcher
 from .state import Action, decide
 
+#: seconds between size checks of a connected disk whose image cannot be watched
+#: (``gblk.device.resize``: inotify or uevents unavailable); watched ones are never polled
 RESIZE_CHECK_INTERVAL = 2.0
 
 
@@ -61,6 +66,11 @@ class DeviceContext:
     throttles: Any = None
     #: changed-block tracking settings (gblk.config.CbtConfig; None: not offered)
     cbt: Any = None
+    #: the daemon's one event-channel and one grant-table handle (None: one per disk)
+    events: Optional[EventChannels] = None
+    grants: Optional[SharedGrantTable] = None
+    #: tells connected disks when their image may have changed size (None: timed checks)
+    resize: Optional[ResizeWatcher] = None
 
 
 def _close_store(store: Store) -> None:
@@ -122,6 +132,12 @@ class Device:
         #: IO limits (gblk.engine.throttle.DiskThrottle) and dirty bitmap (gblk.engine.cbt)
         self.throttle: Any = None
         self.cbt: Any = None
+        #: held while the control loop or a resize check changes the device
+        self._busy = gevent.lock.Semaphore()
+        self._resize_token: Optional[int] = None
+        self._resize_polled = False  # no watch on the image: check on a timer
+        self._resizer: Optional[gevent.Greenlet] = None
+        self._resize_again = False
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -156,6 +172,9 @@ class Device:
         if self._sub is not None:
             self._sub.close()
             self._sub = None
+        r = self._resizer
+        if r is not None and r is not gevent.getcurrent():
+            r.kill(block=True, timeout=1)
         self.log.flush_suppressed()
 
     def _crashed(self, g: gevent.Greenlet) -> None:
@@ -182,19 +201,61 @@ class Device:
         self._sub = xs.watch(paths)
         while True:
             try:
-                self._evaluate()
+                with self._busy:
+                    self._evaluate()
             finally:
                 self.settled = True
             if self.removed:
                 return
-            fired = self._sub.get(timeout=RESIZE_CHECK_INTERVAL)
+            # idle: nothing but XenStore (and the resize watcher) wakes a watched disk;
+            # a store with no file to watch (NBD) is looked at on a timer
+            poll = RESIZE_CHECK_INTERVAL if self.attached and self._resize_polled else None
+            fired = self._sub.get(timeout=poll)
             self._note_store()
             if fired is None and self.attached:
-                try:
-                    self._check_resize()
-                except (GblkError, OSError) as e:  # the store stopped answering
-                    _, f, online = self._read_states()
-                    self._fail(f"checking the size of {self.store_path}: {e}", f, online)
+                with self._busy:
+                    self._resize_check()
+
+    def _resize_check(self) -> None:
+        """Re-read the size (with ``_busy`` held); a store that stopped answering fails
+        the device."""
+        if not self.attached or self.removed:
+            return
+        try:
+            self._check_resize()
+        except (GblkError, OSError) as e:
+            _, f, online = self._read_states()
+            self._fail(f"checking the size of {self.store_path}: {e}", f, online)
+
+    def _size_may_have_changed(self) -> None:
+        """From the resize watcher: check once, again if it fires meanwhile."""
+        if self._resizer is not None and not self._resizer.dead:
+            self._resize_again = True
+            return
+        self._resizer = gevent.spawn(self._resize_soon)
+
+    def _resize_soon(self) -> None:
+        while True:
+            self._resize_again = False
+            with self._busy:
+                self._resize_check()
+            if not self._resize_again:
+                return
+
+    def _watch_size(self) -> None:
+        watcher = self.ctx.resize
+        path = getattr(self.store, "path", None)
+        token = None
+        if watcher is not None and isinstance(path, str) and self._resize_token is None:
+            token = watcher.watch(path, self._size_may_have_changed)
+        self._resize_token = token
+        self._resize_polled = token is None
+
+    def _unwatch_size(self) -> None:
+        token, self._resize_token = self._resize_token, None
+        if token is not None and self.ctx.resize is not None:
+            self.ctx.resize.unwatch(token)
+        self._resize_polled = False
 
     def _read_states(self) -> tuple:
         xs = self.ctx.xs
@@ -293,7 +354,9 @@ class Device:
             self.throttle = self.ctx.throttles.attach(self.key, tracking.identity(self, path),
                                                       self.stats)
         if self.gnttab is None:
-            self.gnttab = self.ctx.host.open_grant_table()
+            grants = self.ctx.grants
+            self.gnttab = (grants.acquire() if grants is not None
+                           else self.ctx.host.open_grant_table())
         offer = self._offer()
         nodes = xb.early_nodes(offer, cfg.max_indirect_segments)
         nodes[xb.HOTPLUG_STATUS] = "connected"
@@ -345,7 +408,7 @@ class Device:
             journal_prefix=(f"{ctx.journal_dir}/{self.kind}-{self.domid}-{self.devid}"
                             if ctx.journal_dir else None),
             adopt=self._adopting,
-            throttle=self.throttle, cbt=self.cbt,
+            throttle=self.throttle, cbt=self.cbt, events=ctx.events,
         )
         self.stats.persistent_grants_limit = (
             cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)
@@ -357,6 +420,7 @@ class Device:
             self._stop_rings(ctx.stop_timeout)
             raise
         self.attached = True
+        self._watch_size()
         info = (VDISK_READONLY if self._readonly else 0) | (
             VDISK_CDROM | VDISK_REMOVABLE if self._cdrom else 0)
         discard = None
@@ -397,6 +461,7 @@ class Device:
         return pages.MAP
 
     def _stop_rings(self, timeout: float) -> None:
+        self._unwatch_size()
         dp, self.dataplane = self.dataplane, None
         if dp is not None:
             dp.stop(timeout)

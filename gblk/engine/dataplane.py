@@ -5,7 +5,7 @@ manner of QEMU's xen-block dataplane: create (the constructor), ``start(queues)`
 ``stop(timeout)``, ``resize(limits)`` and ``set_persistent_limit(n)``. Everything the
 rings share lives here once: the store, the grant table, the ABI, the page source
 (``gblk.engine.pages``: copy, map or persistent), the limits the frontend was told,
-the threadpool (guests' IO), the control pool (ring maps and teardown unmaps, each with
+the daemon's event-channel handle (``gblk.engine.handles``), the threadpool (guests' IO), the control pool (ring maps and teardown unmaps, each with
 a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 """
 
@@ -21,6 +21,7 @@ from ..xen.interfaces import GrantTable, XenHost
 from . import jobs
 from .cbt import Tracker
 from .control import ControlPool
+from .handles import EventChannels
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
@@ -55,8 +56,11 @@ class Dataplane:
         adopt: bool = False,
         throttle: Optional[DiskThrottle] = None,
         cbt: Optional[Tracker] = None,
+        events: Optional[EventChannels] = None,
     ) -> None:
         self.host = host
+        #: the daemon's shared event-channel handle (a handle of this disk's own if None)
+        self.events = events if events is not None else EventChannels(host.open_event_channel)
         self.gnttab = gnttab
         self.store = store
         self.domid = domid

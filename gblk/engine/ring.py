@@ -3,7 +3,8 @@
 The data path (docs/architecture.md; the ring rules it keeps: docs/protocol.md §4),
 built for what each request costs:
 
-1. Wake on the event channel; take the one pending port of this handle and unmask it.
+1. Wake on the event channel (the daemon's one handle, ``gblk.engine.handles``, wakes
+   the ring whose port fired) and unmask the port.
 2. Copy every new slot in one piece (``BackRing.take_block``) and parse the copy with
    the ABI's precompiled structs; every check of a request is made here, on the hub,
    so a bad request is answered at once and never costs a thread handoff.
@@ -50,7 +51,7 @@ from ..blkif.const import (
 from ..blkif.ring import BackRing
 from ..blkif.validate import check_header, check_segments, indirect_pages, status_for
 from ..errors import GblkError, InvalidRequest, RingError
-from ..xen.interfaces import EventChannel, GrantMapping
+from ..xen.interfaces import GrantMapping
 from . import crashpoints, jobs, throttle
 from .grants import PersistentGrants
 from .journal import HEADER_SIZE as _JOURNAL_HEADER
@@ -107,9 +108,8 @@ class RingWorker:
         self.stats = stats
         self.ring: Optional[BackRing] = None
         self._ring_map: Optional[GrantMapping] = None
-        self.evtchn: Optional[EventChannel] = None
         self.port: Optional[int] = None
-        self._io: Any = None
+        self._kicked = False  # the port fired (and is masked) since the last pass
         self._wake = gevent.event.Event()
         self._done: Deque[Tuple[List[_Item], Any]] = collections.deque()
         #: consumed requests waiting behind a barrier: (slot, private copy of the slot)
@@ -168,17 +168,13 @@ class RingWorker:
         self._t0 = [0.0] * n
         self._label = ["read"] * n
         self._tok = [0] * n
-        self.evtchn = dp.host.open_event_channel()
-        self.port = self.evtchn.bind_interdomain(dp.domid, self.remote_port)
+        self.port = dp.events.bind(dp.domid, self.remote_port, self._kick)
         self._open_journal()
         if dp.adopt:
             # the previous process may have died between publishing rsp_prod and
             # notifying: the frontend would wait for that event for good. One
             # notification on every takeover (a spurious one is harmless)
-            self.evtchn.notify(self.port)
-        hub = gevent.get_hub()
-        self._io = hub.loop.io(self.evtchn.fileno(), 1)
-        self._io.start(self._wake.set)
+            dp.events.notify(self.port)
         self._greenlet = gevent.spawn(self._run)
         self._greenlet.link_exception(self._crashed)
         self._wake.set()  # requests may already be waiting (reconnect, restart)
@@ -221,13 +217,21 @@ class RingWorker:
     def _outstanding(self) -> int:
         return self.ring.outstanding() if self.ring is not None else 0
 
+    def _kick(self) -> None:
+        """The port fired (from the shared handle's watcher, on the hub)."""
+        self._kicked = True
+        self._wake.set()
+
     def _release(self) -> None:
-        if self._io is not None:
-            self._io.stop()
-            self._io = None
         if self._timer is not None:
             self._timer.close()
             self._timer = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            try:
+                self.dp.events.unbind(port)
+            except GblkError:
+                pass
         if self._jobs == 0:  # never unmap under a running job
             if self._pgrants is not None:
                 self._unmap(self._pgrants.drain(), wait=True)
@@ -247,14 +251,6 @@ class RingWorker:
                 except GblkError as e:  # counted and logged: a leak, but the device goes
                     self.stats.errors["grant_map"] += 1
                     self.dp.log.error("%s", e)
-        if self.evtchn is not None:
-            try:
-                if self.port is not None:
-                    self.evtchn.unbind(self.port)
-            except GblkError:
-                pass
-            self.evtchn.close()
-            self.evtchn = None
 
     def _crashed(self, g: gevent.Greenlet) -> None:
         self.dp.log.error("queue %d: ring greenlet failed: %r", self.queue, g.exception)
@@ -291,16 +287,15 @@ class RingWorker:
 
     def _pass(self) -> None:
         ring = self.ring
-        evtchn = self.evtchn
-        assert ring is not None and evtchn is not None and self.port is not None
+        events = self.dp.events
+        assert ring is not None and self.port is not None
         st = self.stats
-        # This handle has one port bound: one pending() takes its event (a storm of
-        # notifications collapses into it while the port is masked: XSA-332); the fd
-        # stays readable if there is more, and the watcher wakes us again.
-        p = evtchn.pending()
-        if p is not None:
+        # The shared handle took this port's event and woke us; the port stays masked
+        # until now (a storm of notifications collapses into one wake-up: XSA-332).
+        if self._kicked:
+            self._kicked = False
             st.notifications_received += 1
-            evtchn.unmask(p)
+            events.unmask(self.port)
         if self._done:
             self._complete()
         if self._queue and not self._barrier:
@@ -317,7 +312,7 @@ class RingWorker:
                     crashpoints.hit("taken")
                 self._take(block, n, start)
         if self._publish():
-            evtchn.notify(self.port)
+            events.notify(self.port)
             st.notifications_sent += 1
         st.in_flight = ring.outstanding()
         try:

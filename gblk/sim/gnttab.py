@@ -347,13 +347,19 @@ class SimGrantTable(GrantTable):
         return files
 
     def _release_domain_locked(self, files: DomainFiles, drop: bool = True) -> None:
+        """A domain's files close with their last mapping (or copy): one handle serves
+        every disk of a daemon, and a guest that went must not keep its fds open."""
         key = id(files)
         if drop:
             self._users[key] -= 1
-        if self._users[key] <= 0 and key in self._stale:
-            del self._stale[key]
-            self._users.pop(key, None)
-            files.close()
+        if self._users[key] > 0:
+            return
+        self._users.pop(key, None)
+        if self._stale.pop(key, None) is None:
+            if self._domains.get(files.domid) is not files:
+                return
+            del self._domains[files.domid]
+        files.close()
 
     def _check(self, files: DomainFiles, ref: int, writable: bool) -> Tuple[int, int]:
         """Xen's checks for pinning ``ref``: (GNTST status, frame). Changes nothing

@@ -9,7 +9,7 @@ a subprocess (``python -m gblk serve --xen sim:DIR ...``). ``stop()`` tears all 
 it down in order and is idempotent (also after a half-finished ``start()``).
 
 Runs under gevent in a process that has monkey-patched (tests' conftest, the demo's
-entry point): the XenStore clients are pyxs. Must not import the engine, device,
+entry point): the XenStore clients are gblk.xen.xenstore. Must not import the engine, device,
 daemon or cli layers: the backend is only ever a separate process here.
 """
 
@@ -228,9 +228,9 @@ class SimHost:
             else:
                 os.makedirs(self.dir, exist_ok=True)
             self.xenstored = self._start_xenstored()
-            from ..xen.xenstore import PyxsXenStore
+            from ..xen.xenstore import GeventXenStore
 
-            self.xs = PyxsXenStore(self.socket_path, self.timeout)
+            self.xs = GeventXenStore(self.socket_path, self.timeout)
             self._write_dom0()
             self._toolstack = Toolstack(self.xs, self.dir, self.socket_path, self.timeout)
         except BaseException:
@@ -345,9 +345,9 @@ class SimHost:
         """The XenStore connection of guest ``domid`` (``DIR/xenstored.sock.d<N>``)."""
         gxs = self._guest_xs.get(domid)
         if gxs is None:
-            from ..xen.xenstore import PyxsXenStore
+            from ..xen.xenstore import GeventXenStore
 
-            gxs = PyxsXenStore(f"{self.socket_path}.d{domid}", self.timeout)
+            gxs = GeventXenStore(f"{self.socket_path}.d{domid}", self.timeout)
             self._guest_xs[domid] = gxs
         return gxs
 

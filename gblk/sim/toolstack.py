@@ -49,7 +49,7 @@ from ..blkif import xenbus as xb
 from ..blkif.const import XenbusState
 from ..errors import XenStoreError
 from ..xen.interfaces import XenStore, XenStoreOps
-from . import xs_wire as w
+from ..xen import xs_wire as w
 from .evtchn import close_domain_ports
 from .memory import GuestMemory
 

@@ -41,9 +41,9 @@ class SimXenHost(XenHost):
         return SimEventChannel(self.dir, self.domid)
 
     def open_xenstore(self) -> XenStore:
-        from gblk.xen.xenstore import PyxsXenStore
+        from gblk.xen.xenstore import GeventXenStore
 
-        return PyxsXenStore(self.xenstore_socket)
+        return GeventXenStore(self.xenstore_socket)
 
     def fence(self) -> Callable[[], None]:
         return barrier.fence

@@ -1,6 +1,6 @@
 """A simulated xenstored: the real XenStore wire protocol on Unix sockets, on gevent.
 
-Clients cannot tell it from C xenstored for what a backend uses: pyxs, Debian's
+Clients cannot tell it from C xenstored for what a backend uses: gblk's clients, Debian's
 ``xenstore-*`` tools (``XENSTORED_PATH=<socket>``) and libxenstore talk to it
 unchanged. A connection on the main socket ``PATH`` acts as dom0 (privileged).
 ``INTRODUCE(domid, mfn, port)`` opens ``PATH + ".d<domid>"``, whose connections act
@@ -38,8 +38,8 @@ import gevent.socket
 from gevent.pool import Group
 
 from gblk.sim import xs_store as xs
-from gblk.sim import xs_wire as w
-from gblk.sim.xs_wire import XsError
+from gblk.xen import xs_wire as w
+from gblk.xen.xs_wire import XsError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ _WRITE_BATCH = 64 * 1024
 
 
 def _event_message(path: str, token: bytes) -> Optional[bytes]:
-    payload = path.encode("latin-1") + b"\0" + token + b"\0"
+    payload = w.watch_event_payload(path.encode("latin-1"), token)
     if len(payload) > w.XENSTORE_PAYLOAD_MAX:
         return None  # xenstored does not send over-long events either
     return w.pack(w.XS_WATCH_EVENT, 0, 0, payload)
@@ -87,6 +87,9 @@ class _Connection:
         self.queued = 0
         self.ready = gevent.event.Event()
         self.watches: Dict[Tuple[str, bytes], xs.Watch] = {}
+        #: the watches by node, rebuilt after a change of ``watches`` (None: stale):
+        #: a change looks up its path and ancestors instead of matching every watch
+        self.index: Optional[Dict[str, List[xs.Watch]]] = None
         self.transactions: Dict[int, xs.Transaction] = {}
         self.next_tx = 1
         self.closed = False
@@ -310,6 +313,7 @@ class XenStoreServer:
         """Forget the connection's watches and transactions (RESET_WATCHES)."""
         self._accounting.add_watches(conn.domid, -len(conn.watches))
         conn.watches.clear()
+        conn.index = None
         self._accounting.add_transactions(conn.domid, -len(conn.transactions))
         conn.transactions.clear()
 
@@ -324,12 +328,12 @@ class XenStoreServer:
         try:
             rtype, body = mtype, self._dispatch(conn, mtype, tx_id, payload, after)
         except XsError as e:
-            rtype, body = w.XS_ERROR, e.name.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(e.name)
         except Exception:  # a bug here must not take the server down
             log.exception("internal error handling %s", w.TYPE_NAMES.get(mtype, mtype))
-            rtype, body = w.XS_ERROR, w.EIO.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(w.EIO)
         if len(body) > w.XENSTORE_PAYLOAD_MAX:
-            rtype, body = w.XS_ERROR, w.E2BIG.encode() + b"\0"
+            rtype, body = w.XS_ERROR, w.error_payload(w.E2BIG)
         self._send(conn, w.pack(rtype, req_id, tx_id, body))
         for msg in after:
             self._send(conn, msg)
@@ -415,6 +419,7 @@ class XenStoreServer:
         ):
             raise XsError(w.E2BIG)
         conn.watches[key] = watch
+        conn.index = None
         self._accounting.add_watches(caller.domid, 1)
         # "We fire once up front: simplifies clients and restart."
         msg = _event_message(watch.event_path(watch.node), watch.token)
@@ -429,6 +434,7 @@ class XenStoreServer:
         node = xs.canonicalize(caller, args[0].decode("latin-1"))
         if conn.watches.pop((node, args[1]), None) is None:
             raise XsError(w.ENOENT)
+        conn.index = None
         self._accounting.add_watches(caller.domid, -1)
         return _OK
 
@@ -464,12 +470,21 @@ class XenStoreServer:
     # -- watches ------------------------------------------------------------
 
     def _deliver(self, fire: xs.Fire) -> None:
+        nodes = _watched_nodes(fire)
         for conn in list(self._conns.values()):
             if conn.closed or not conn.watches:
                 continue
+            index = conn.index
+            if index is None:
+                index = conn.index = {}
+                for watch in conn.watches.values():
+                    index.setdefault(watch.node, []).append(watch)
+            candidates = [wt for node in nodes for wt in index.get(node, ())]
+            if not candidates:
+                continue
             if not xs.watch_permitted(self._caller(conn), self.store, fire):
                 continue
-            for watch in list(conn.watches.values()):
+            for watch in candidates:
                 if not watch.matches(fire):
                     continue
                 msg = _event_message(watch.event_path(fire.path), watch.token)
@@ -477,6 +492,19 @@ class XenStoreServer:
                     self._send(conn, msg)
                 if conn.closed:
                     break
+
+
+def _watched_nodes(fire: xs.Fire) -> List[str]:
+    """The watch nodes ``fire`` may match: its path and (unless exact or special)
+    every ancestor up to "/"."""
+    path = fire.path
+    if fire.exact or path.startswith("@"):
+        return [path]
+    nodes = [path]
+    while path not in ("/", ""):
+        path = path.rsplit("/", 1)[0] or "/"
+        nodes.append(path)
+    return nodes
 
 
 _HANDLED = frozenset(xs.NODE_OPS) | frozenset(

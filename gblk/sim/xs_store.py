@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from gblk.sim import xs_wire as w
-from gblk.sim.xs_wire import XsError
+from gblk.xen import xs_wire as w
+from gblk.xen.xs_wire import XsError
 
 PERM_NONE = 0
 PERM_READ = 1
@@ -283,6 +283,9 @@ class Transaction(View):
         self.overlay: Dict[str, Optional[Node]] = {}
         self.read_gens: Dict[str, int] = {}
         self.fires: List[Fire] = []
+        #: nodes owned per domain, overlay minus store, kept up to date by _set (a
+        #: quota check per created node must not walk the whole overlay)
+        self._deltas: Dict[int, int] = {}
 
     def get(self, path: str) -> Optional[Node]:
         if path in self.overlay:
@@ -293,21 +296,28 @@ class Transaction(View):
 
     def put(self, path: str, node: Node) -> None:
         self.get(path)
-        self.overlay[path] = replace(node, gen=self.store.next_gen())
+        self._set(path, replace(node, gen=self.store.next_gen()))
 
     def delete(self, path: str) -> None:
         self.get(path)
-        self.overlay[path] = None
+        self._set(path, None)
 
-    def _owner_deltas(self) -> Dict[int, int]:
-        deltas: Dict[int, int] = {}
-        for path, node in self.overlay.items():
+    def _set(self, path: str, node: Optional[Node]) -> None:
+        deltas = self._deltas
+        if path in self.overlay:
+            before = self.overlay[path]
+            if before is not None:
+                deltas[before.owner] = deltas.get(before.owner, 0) - 1
+        else:
             old = self.store.nodes.get(path)
             if old is not None:
                 deltas[old.owner] = deltas.get(old.owner, 0) - 1
-            if node is not None:
-                deltas[node.owner] = deltas.get(node.owner, 0) + 1
-        return deltas
+        if node is not None:
+            deltas[node.owner] = deltas.get(node.owner, 0) + 1
+        self.overlay[path] = node
+
+    def _owner_deltas(self) -> Dict[int, int]:
+        return self._deltas
 
     def owned(self, domid: int) -> int:
         return self.store.owned(domid) + self._owner_deltas().get(domid, 0)

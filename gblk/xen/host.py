@@ -74,9 +74,9 @@ class RealXenHost(XenHost):
         return RealEventChannel()
 
     def open_xenstore(self) -> XenStore:
-        from gblk.xen.xenstore import PyxsXenStore
+        from gblk.xen.xenstore import GeventXenStore
 
-        return PyxsXenStore(self.xenstore_path, self.timeout)
+        return GeventXenStore(self.xenstore_path, self.timeout)
 
     def fence(self) -> Callable[[], None]:
         return barrier.fence

@@ -1,27 +1,33 @@
-"""gblk's XenStore client: :class:`PyxsXenStore`, ``gblk.xen.interfaces.XenStore``
-over pyxs 0.4.1, for greenlets.
+"""gblk's XenStore client: :class:`GeventXenStore`, ``gblk.xen.interfaces.XenStore``
+for greenlets, over the wire format of ``gblk.xen.xs_wire``.
+
+One connection per daemon, whatever the number of disks: requests are matched to
+their replies by ``req_id``, so any number of greenlets may have a request, a
+transaction or a watch on it at once. The connection is a Unix socket to xenstored
+or the xenbus device (``/dev/xen/xenbus``: a driver domain, or dom0 with xenstored
+in a stub domain), chosen as libxenstore does (``xs_wire.default_targets``). A
+reader greenlet waits on it through the gevent hub (epoll): no thread, no
+``select()``, no monkey-patching needed, any file descriptor number.
 
 The safeguards listed in docs/protocol.md §9 live here and only here:
 
-- every request has a timeout (``gevent.Timeout``) and raises ``XenStoreError``
-  (``errno_name`` ``ETIMEDOUT``) instead of hanging when xenstored stops answering;
+- every request has a timeout and raises ``XenStoreError`` (``errno_name``
+  ``ETIMEDOUT``) instead of hanging when xenstored stops answering (the connection
+  is then dropped: a late reply could not be told from a new one);
 - when xenstored goes away the connection is re-established (a request retries once
   on a lost connection) and every watch is re-armed, so a ``WatchSubscription``
   survives a xenstored restart (the re-armed watch fires its initial event: readers
   re-read the current state);
-- each ``transaction()`` runs on a connection of its own and is retried on EAGAIN;
-- empty values, and values pyxs 0.4.1 would refuse, are sent as raw packets through
-  pyxs's router (``Client.write`` raises ValueError on them);
+- ``transaction()`` retries on EAGAIN; at most ``MAX_TRANSACTIONS`` are open at
+  once on the connection (xenstored's per-connection quota is 10 by default);
+- empty and binary values are sent as they are (surrogateescape round trip);
 - watch events are kept per subscription as a bounded set of paths (coalescing);
   on overflow the set collapses to the watched paths themselves ("re-read all");
-- every pyxs, socket and protocol error becomes ``gblk.errors.XenStoreError`` whose
+- every socket and protocol error becomes ``gblk.errors.XenStoreError`` whose
   ``errno_name`` is xenstored's error name (ENOENT, EACCES, EAGAIN, E2BIG...) or
   the socket errno name; ``XenUnavailable`` when no XenStore can be reached at all.
 
-pyxs runs its router in a "thread": the process must have run
-``gevent.monkey.patch_all(queue=False)`` (entry points do; this module never
-patches) so that the router is a greenlet. pyxs is imported lazily, on first use,
-for the same reason. Not thread-safe: use from the hub's greenlets only.
+Not thread-safe: use from the hub's greenlets only.
 """
 
 from __future__ import annotations
@@ -30,50 +36,29 @@ import errno
 import itertools
 import logging
 import os
-import socket
-import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.os
+import gevent.socket
 from gevent import Greenlet
 
-from gblk.errors import XenError, XenStoreError, XenUnavailable
+from gblk.errors import XenStoreError, XenUnavailable
+from gblk.xen import xs_wire as w
 from gblk.xen.interfaces import WatchSubscription, XenStore, XenStoreOps
-from gblk.xen.xs_simple import (  # the wire constants and where xenstored lives: one place
-    NO_XENSTORE_HINT,
-    DEFAULT_RUNDIR,
-    XENBUS_PATHS,
-    XENSTORE_PAYLOAD_MAX,
-    XS_ERROR,
-    XS_READ,
-    XS_WRITE,
-)
 
 log = logging.getLogger(__name__)
 
-# Message types (xen/io/xs_wire.h)
-XS_DIRECTORY = 1
-XS_GET_PERMS = 3
-XS_WATCH = 4
-XS_UNWATCH = 5
-XS_TRANSACTION_START = 6
-XS_TRANSACTION_END = 7
-XS_INTRODUCE = 8
-XS_RELEASE = 9
-XS_GET_DOMAIN_PATH = 10
-XS_MKDIR = 12
-XS_RM = 13
-XS_SET_PERMS = 14
-XS_IS_DOMAIN_INTRODUCED = 17
-XS_DIRECTORY_PART = 22
+#: transactions open at once on the connection (C xenstored allows 10 per connection)
+MAX_TRANSACTIONS = 8
+_READ_CHUNK = 64 * 1024
 
 _NUL = b"\0"
 _ENC = "utf-8"
 _ENC_ERRORS = "surrogateescape"  # any bytes a guest wrote survive a read/write round trip
-
 
 
 class _LinkDown(XenStoreError):
@@ -81,6 +66,7 @@ class _LinkDown(XenStoreError):
 
 
 _LOST = object()  # what a pending request receives when its connection dies
+_Reply = Tuple[int, int, bytes]  # type, tx_id, payload
 
 
 def _b(text: str) -> bytes:
@@ -92,176 +78,143 @@ def _s(data: bytes) -> str:
 
 
 def _errno_name(exc: BaseException) -> str:
-    """The errno name of ``exc`` or of the OSError that caused it (pyxs wraps them)."""
-    seen: Optional[BaseException] = exc
-    while seen is not None:
-        code = getattr(seen, "errno", None)
-        if isinstance(code, int) and code in errno.errorcode:
-            return errno.errorcode[code]
-        if isinstance(seen, OSError) and seen.args and isinstance(seen.args[0], int):
-            return errno.errorcode.get(seen.args[0], "EIO")
-        seen = seen.__cause__ or seen.__context__
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
     return "EIO"
 
 
-def _describe(exc: BaseException) -> str:
-    """A short reason: the strerror of the OSError behind ``exc`` if there is one."""
-    seen: Optional[BaseException] = exc
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.strerror:
-            return seen.strerror
-        seen = seen.__cause__ or seen.__context__
-    return str(exc)
-
-
-def _require_gevent_patching() -> None:
-    from gevent import monkey
-
-    missing = [m for m in ("socket", "select", "threading") if not monkey.is_module_patched(m)]
-    if missing:
-        raise XenError(
-            "PyxsXenStore needs gevent.monkey.patch_all(queue=False) at the start of the "
-            f"process, before pyxs is imported (not patched: {', '.join(missing)})"
-        )
-
-
-def _pyxs() -> Any:
-    import pyxs  # noqa: F401 - imported lazily: only after monkey-patching
-    import pyxs._internal
-    import pyxs.connection
-
-    return pyxs
-
-
-def _any_type_connection(base: Any) -> Any:
-    """``base`` (a pyxs connection class) receiving messages of any type.
-
-    pyxs 0.4.1 builds every incoming message with ``Packet(...)``, which rejects
-    types newer than pyxs (XS_DIRECTORY_PART's reply): its router would die.
-    """
-    pyxs = _pyxs()
-    packet = pyxs._internal.Packet
-
-    class AnyTypeConnection(base):
-        def recv(self) -> Any:
-            if not self.is_connected:
-                raise pyxs.ConnectionError("not connected")
-            try:
-                header = self.transport.recv(packet._struct.size)
-                op, rq_id, tx_id, size = packet._struct.unpack(header)
-                # A zero-length read would block on the xenbus device.
-                payload = self.transport.recv(size) if size else b""
-            except OSError as e:
-                self.close()
-                raise pyxs.ConnectionError(f"error while reading from {self.path!r}: {e}") from e
-            return packet._make((op, rq_id, tx_id, size, payload))
-
-    return AnyTypeConnection
-
-
-class _Target:
-    """Where to reach xenstored: a Unix socket or the xenbus device."""
-
-    def __init__(self, kind: str, path: str) -> None:
-        self.kind = kind
-        self.path = path
-
-    def connection(self) -> Any:
-        conn = _pyxs().connection
-        base = conn.UnixSocketConnection if self.kind == "unix" else conn.XenBusConnection
-        return _any_type_connection(base)(self.path)
-
-    def __str__(self) -> str:
-        return self.path
-
-
-def default_targets() -> List[_Target]:
-    """Where libxenstore looks: $XENSTORED_PATH or $XENSTORED_RUNDIR/socket (default
-    /var/run/xenstored/socket), then the xenbus device."""
-    sock = os.environ.get("XENSTORED_PATH") or os.path.join(
-        os.environ.get("XENSTORED_RUNDIR", DEFAULT_RUNDIR), "socket"
-    )
-    targets = [_Target("unix", sock)]
-    for path in XENBUS_PATHS:
-        if os.path.exists(path) or path == XENBUS_PATHS[0]:
-            targets.append(_Target("xenbus", path))
-    return targets
-
-
 class _Link:
-    """One xenstored connection: a pyxs Router whose reader runs in a greenlet we
-    own, so that its death is noticed (pending requests fail at once)."""
+    """One connection to xenstored and the greenlet that reads it.
 
-    def __init__(self, target: _Target, timeout: float,
-                 on_lost: Optional[Callable[["_Link"], None]] = None) -> None:
-        pyxs = _pyxs()
-        self.target = target
+    Replies go to the request waiting with their ``req_id``; watch events to
+    ``on_event(path, token)``. When the connection ends every waiting request gets
+    ``_LOST`` and ``on_lost(self)`` runs (unless it was closed on purpose).
+    """
+
+    def __init__(self, kind: str, path: str, timeout: float,
+                 on_event: Callable[[bytes, bytes], None],
+                 on_lost: Callable[["_Link"], None]) -> None:
+        self.path = path
         self.timeout = timeout
         self.alive = True
         self.closing = False
+        self._on_event = on_event
         self._on_lost = on_lost
-        self._packet = pyxs._internal.Packet
-        # Our own ids: pyxs's global counter outgrows the u32 req_id field.
-        self._rq_ids = itertools.count(1)
-        self.router = pyxs.Router(target.connection())
-        # Replace pyxs's router thread by one whose end we see (monkey-patched:
-        # a greenlet).
-        self.router.thread = threading.Thread(target=self._run, daemon=True)
+        self._sock: Optional[gevent.socket.socket] = None
+        self._fd: Optional[int] = None
+        self._pending: Dict[int, gevent.event.AsyncResult] = {}
+        # our ids, wrapping in the u32 field; 0 is never used
+        self._ids = itertools.count(1)
+        self._send_lock = gevent.lock.Semaphore()  # one whole message at a time
         try:
-            with gevent.Timeout(timeout):
-                self.router.start()
-        except gevent.Timeout as e:
-            self._dispose()
-            raise _LinkDown(f"connecting to {target}: timed out", "ETIMEDOUT") from e
-        except (pyxs.PyXSError, OSError) as e:
-            self._dispose()
-            raise _LinkDown(f"connecting to {target}: {e}", _errno_name(e)) from e
+            if kind == w.UNIX:
+                sock = gevent.socket.socket(gevent.socket.AF_UNIX, gevent.socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(path)
+                except BaseException:
+                    sock.close()
+                    raise
+                sock.settimeout(None)
+                self._sock = sock
+            else:
+                # the xenbus device takes and gives whole messages and can be polled
+                self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except gevent.socket.timeout as e:
+            raise _LinkDown(f"connecting to {path}: timed out", "ETIMEDOUT") from e
+        except OSError as e:
+            raise _LinkDown(f"connecting to {path}: {e.strerror or e}", _errno_name(e)) from e
+        self._reader = gevent.spawn(self._read_loop)
 
-    def _dispose(self) -> None:
-        self.alive = False
-        for s in (self.router.r_terminator, self.router.w_terminator):
-            s.close()
-        try:
-            self.router.connection.close()
-        except Exception:  # noqa: BLE001 - best effort on a failed connect
-            pass
+    def fileno(self) -> int:
+        if self._sock is not None:
+            return int(self._sock.fileno())
+        assert self._fd is not None
+        return self._fd
 
-    def _run(self) -> None:
+    # -- reading -----------------------------------------------------------------------
+    def _recv(self) -> bytes:
+        if self._sock is not None:
+            return bytes(self._sock.recv(_READ_CHUNK))
+        assert self._fd is not None
+        return bytes(gevent.os.nb_read(self._fd, _READ_CHUNK))
+
+    def _read_loop(self) -> None:
+        buf = b""
+        why = "closed by xenstored"
         try:
-            self.router()
-        except Exception as e:  # noqa: BLE001 - pyxs raises ConnectionError & co.
-            if not self.closing:
-                log.info("xenstore connection to %s lost: %s", self.target, e)
+            while True:
+                chunk = self._recv()
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= w.HEADER.size:
+                    mtype, req_id, tx_id, size = w.unpack_header(buf[:w.HEADER.size])
+                    if size > w.XENSTORE_PAYLOAD_MAX:
+                        raise XenStoreError(f"message of {size} bytes from xenstored", "EIO")
+                    end = w.HEADER.size + size
+                    if len(buf) < end:
+                        break
+                    payload, buf = buf[w.HEADER.size:end], buf[end:]
+                    self._dispatch(mtype, req_id, tx_id, payload)
+        except (OSError, XenStoreError) as e:
+            why = str(e)
         finally:
+            if not self.closing:
+                log.info("xenstore connection to %s lost: %s", self.path, why)
             self._fail_pending()
-            if not self.closing and self._on_lost is not None:
+            self._release()
+            if not self.closing:
                 self._on_lost(self)
+
+    def _dispatch(self, mtype: int, req_id: int, tx_id: int, payload: bytes) -> None:
+        if mtype == w.XS_WATCH_EVENT:
+            event = w.parse_watch_event(payload)
+            if event is not None:
+                self._on_event(*event)
+            return
+        waiter = self._pending.pop(req_id, None)
+        if waiter is not None:  # else the answer to a request that timed out
+            waiter.set((mtype, tx_id, payload))
 
     def _fail_pending(self) -> None:
         self.alive = False
-        rvars = list(self.router.rvars.values())
-        self.router.rvars.clear()
-        for rvar in rvars:
-            rvar.set(_LOST)
+        waiters = list(self._pending.values())
+        self._pending.clear()
+        for waiter in waiters:
+            waiter.set(_LOST)
+
+    def _release(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
-        """Idempotent; wakes a router blocked mid-message by shutting the socket."""
+        """Idempotent: stops the reader, fails what waits, closes the connection."""
         if self.closing:
             return
         self.closing = True
-        transport = getattr(self.router.connection, "transport", None)
-        sock = getattr(transport, "sock", None)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        try:
-            with gevent.Timeout(1.0, False):
-                self.router.terminate()
-        except Exception:  # noqa: BLE001 - the connection is going anyway
-            pass
+        self.alive = False
+        if self._reader is not gevent.getcurrent():
+            self._reader.kill(block=True)
         self._fail_pending()
+        self._release()
+
+    # -- requests ----------------------------------------------------------------------
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            if self._sock is not None:
+                self._sock.sendall(data)
+                return
+            view = memoryview(data)
+            while view:
+                if self._fd is None:
+                    raise OSError(errno.EBADF, "connection closed")
+                view = view[gevent.os.nb_write(self._fd, view):]
 
     def request(self, op: int, payload: bytes, tx_id: int = 0, what: str = "") -> bytes:
         """Send one request and return the reply payload.
@@ -269,42 +222,42 @@ class _Link:
         XenStoreError(errno_name=<xenstored's error>) for an error reply;
         _LinkDown for a lost, broken or timed-out connection (then closed).
         """
-        if len(payload) > XENSTORE_PAYLOAD_MAX:
-            raise XenStoreError(f"{what}: request larger than {XENSTORE_PAYLOAD_MAX} bytes",
+        if len(payload) > w.XENSTORE_PAYLOAD_MAX:
+            raise XenStoreError(f"{what}: request larger than {w.XENSTORE_PAYLOAD_MAX} bytes",
                                 "E2BIG")
-        if not self.alive or self.closing:
-            raise _LinkDown(f"{what}: connection to {self.target} lost", "EIO")
-        rq_id = next(self._rq_ids) & 0xFFFFFFFF
-        # _make skips pyxs's checks (7-bit payloads, known ops): payloads may be
-        # empty or binary, and XS_DIRECTORY_PART is newer than pyxs.
-        packet = self._packet._make((op, rq_id, tx_id, len(payload), payload))
+        if not self.alive:
+            raise _LinkDown(f"{what}: connection to {self.path} lost", "EIO")
+        req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+        waiter = gevent.event.AsyncResult()
+        self._pending[req_id] = waiter
         timer = gevent.Timeout(self.timeout)
         timer.start()
         try:
-            rvar = self.router.send(packet)
-            reply = rvar.get()
+            self._send(w.pack(op, req_id, tx_id, payload))
+            reply = waiter.get()
         except gevent.Timeout as e:
             if e is not timer:
                 raise
-            self.router.rvars.pop(rq_id, None)
+            self._pending.pop(req_id, None)
             self.close()
-            raise _LinkDown(f"{what}: no answer from xenstored ({self.target}) in "
+            raise _LinkDown(f"{what}: no answer from xenstored ({self.path}) in "
                             f"{self.timeout:g} s", "ETIMEDOUT") from None
-        except Exception as e:  # noqa: BLE001 - pyxs ConnectionError, OSError
+        except OSError as e:
+            self._pending.pop(req_id, None)
             self.close()
             raise _LinkDown(f"{what}: {e}", _errno_name(e)) from e
         finally:
             timer.close()
         if reply is _LOST:
-            raise _LinkDown(f"{what}: connection to {self.target} lost", "EIO")
-        if reply.op == XS_ERROR:
-            name = reply.payload.split(_NUL, 1)[0].decode("ascii", "replace") or "EIO"
+            raise _LinkDown(f"{what}: connection to {self.path} lost", "EIO")
+        mtype, reply_tx, body = reply
+        if mtype == w.XS_ERROR:
+            name = w.error_name(body)
             raise XenStoreError(f"{what}: {name}", name)
-        if reply.op != op or reply.tx_id != tx_id:
+        if mtype != op or reply_tx != tx_id:
             self.close()
-            raise _LinkDown(f"{what}: unexpected reply type {reply.op}", "EIO")
-        payload_out: bytes = reply.payload
-        return payload_out
+            raise _LinkDown(f"{what}: unexpected reply type {mtype}", "EIO")
+        return body
 
 
 class _Ops(XenStoreOps):
@@ -315,41 +268,41 @@ class _Ops(XenStoreOps):
 
     def read(self, path: str) -> Optional[str]:
         try:
-            return _s(self._req(XS_READ, _b(path) + _NUL, f"read {path}"))
+            return _s(self._req(w.XS_READ, _b(path) + _NUL, f"read {path}"))
         except _LinkDown:
             raise
         except XenStoreError as e:
-            if e.errno_name == "ENOENT":
+            if e.errno_name == w.ENOENT:
                 return None
             raise
 
     def write(self, path: str, value: str) -> None:
-        self._req(XS_WRITE, _b(path) + _NUL + _b(value), f"write {path}")
+        self._req(w.XS_WRITE, _b(path) + _NUL + _b(value), f"write {path}")
 
     def mkdir(self, path: str) -> None:
-        self._req(XS_MKDIR, _b(path) + _NUL, f"mkdir {path}")
+        self._req(w.XS_MKDIR, _b(path) + _NUL, f"mkdir {path}")
 
     def rm(self, path: str) -> None:
         try:
-            self._req(XS_RM, _b(path) + _NUL, f"rm {path}")
+            self._req(w.XS_RM, _b(path) + _NUL, f"rm {path}")
         except _LinkDown:
             raise
         except XenStoreError as e:
-            if e.errno_name != "ENOENT":
+            if e.errno_name != w.ENOENT:
                 raise
 
     def directory(self, path: str) -> List[str]:
         try:
-            data = self._req(XS_DIRECTORY, _b(path) + _NUL, f"directory {path}")
+            data = self._req(w.XS_DIRECTORY, _b(path) + _NUL, f"directory {path}")
         except _LinkDown:
             raise
         except XenStoreError as e:
-            if e.errno_name == "ENOENT":
+            if e.errno_name == w.ENOENT:
                 return []
-            if e.errno_name != "E2BIG":
+            if e.errno_name != w.E2BIG:
                 raise
             data = self._directory_part(path)
-        return [_s(c) for c in data.split(_NUL)[:-1]]
+        return [_s(c) for c in w.strings(data)]
 
     def _directory_part(self, path: str) -> bytes:
         """A listing too large for one reply, fetched in parts (as libxenstore does)."""
@@ -358,7 +311,7 @@ class _Ops(XenStoreOps):
             chunks: List[bytes] = []
             offset = 0
             while True:
-                reply = self._req(XS_DIRECTORY_PART, _b(path) + _NUL + str(offset).encode()
+                reply = self._req(w.XS_DIRECTORY_PART, _b(path) + _NUL + str(offset).encode()
                                   + _NUL, f"directory {path}")
                 this_gen, _, rest = reply.partition(_NUL)
                 if gen is None:
@@ -376,11 +329,11 @@ class _Ops(XenStoreOps):
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
         payload = _b(path) + _NUL + b"".join(_b(p) + _NUL for p in perms)
-        self._req(XS_SET_PERMS, payload, f"set_perms {path}")
+        self._req(w.XS_SET_PERMS, payload, f"set_perms {path}")
 
     def get_perms(self, path: str) -> List[str]:
-        data = self._req(XS_GET_PERMS, _b(path) + _NUL, f"get_perms {path}")
-        return [_s(p) for p in data.split(_NUL)[:-1]]
+        data = self._req(w.XS_GET_PERMS, _b(path) + _NUL, f"get_perms {path}")
+        return [_s(p) for p in w.strings(data)]
 
 
 class _TransactionOps(_Ops):
@@ -400,7 +353,7 @@ class _TransactionOps(_Ops):
 class _Subscription(WatchSubscription):
     """Watches on ``paths`` under one token; pending events as a bounded set."""
 
-    def __init__(self, store: "PyxsXenStore", token: bytes, paths: Sequence[str],
+    def __init__(self, store: "GeventXenStore", token: bytes, paths: Sequence[str],
                  max_pending: int) -> None:
         self._store = store
         self.token = token
@@ -410,14 +363,11 @@ class _Subscription(WatchSubscription):
         self._ready = gevent.event.Event()
         self._closed = False
         self.link: Optional[_Link] = None
-        self.events = self  # pyxs's Router calls monitor.events.put(event)
 
-    # pyxs Router side -------------------------------------------------------
-    def put(self, event: Any) -> None:
+    def put(self, path: str) -> None:
+        """One event (from the connection's reader)."""
         if self._closed:
             return
-        self._store._count_event()
-        path = _s(event.path)
         if path not in self._pending and len(self._pending) >= self._max:
             # Coalesce harder: "something under each watched path changed".
             self._pending.clear()
@@ -428,27 +378,16 @@ class _Subscription(WatchSubscription):
 
     def arm(self, link: _Link) -> None:
         """Register the watches on ``link``; ignores paths already registered."""
-        link.router.subscribe(self.token, self)
-        try:
-            for path in self.paths:
-                try:
-                    link.request(XS_WATCH, _b(path) + _NUL + self.token + _NUL, 0,
-                                 f"watch {path}")
-                except _LinkDown:
+        for path in self.paths:
+            try:
+                link.request(w.XS_WATCH, _b(path) + _NUL + self.token + _NUL, 0,
+                             f"watch {path}")
+            except _LinkDown:
+                raise
+            except XenStoreError as e:
+                if e.errno_name != w.EEXIST:
                     raise
-                except XenStoreError as e:
-                    if e.errno_name != "EEXIST":
-                        raise
-        except BaseException:
-            self._unsubscribe(link)
-            raise
         self.link = link
-
-    def _unsubscribe(self, link: _Link) -> None:
-        try:
-            link.router.unsubscribe(self.token, self)
-        except ValueError:
-            pass
 
     # consumer side ----------------------------------------------------------
     def get(self, timeout: Optional[float] = None) -> Optional[str]:
@@ -480,42 +419,40 @@ class _Subscription(WatchSubscription):
         self._pending.clear()
         self._ready.set()
         self._store._forget(self)
-        link = self.link
-        self.link = None
+        link, self.link = self.link, None
         if link is not None and link.alive:
             for path in self.paths:
                 try:
-                    link.request(XS_UNWATCH, _b(path) + _NUL + self.token + _NUL, 0,
+                    link.request(w.XS_UNWATCH, _b(path) + _NUL + self.token + _NUL, 0,
                                  f"unwatch {path}")
                 except XenStoreError:
                     break
-            self._unsubscribe(link)
 
 
-class PyxsXenStore(_Ops, XenStore):
-    """XenStore over pyxs for the hub (see the module docstring for the safeguards).
+class GeventXenStore(_Ops, XenStore):
+    """XenStore for the hub on one multiplexed connection (see the module docstring).
 
     ``socket_path`` None means real Xen's resolution ($XENSTORED_PATH, the rundir
     socket, then /dev/xen/xenbus). Connects at once: ``XenUnavailable`` if nothing
     answers. ``connections`` counts connections made (the first and every
-    reconnection; transactions' own connections are not counted), ``watch_events``
-    the watch events received; ``on_connect``/``on_watch_event`` are called for each.
+    reconnection), ``watch_events`` the watch events received;
+    ``on_connect``/``on_watch_event`` are called for each.
     """
 
     def __init__(self, socket_path: Optional[str] = None, timeout: float = 10.0, *,
                  max_pending: int = 1024,
                  on_connect: Optional[Callable[[], None]] = None,
                  on_watch_event: Optional[Callable[[], None]] = None) -> None:
-        _require_gevent_patching()
         self.timeout = timeout
         self.max_pending = max_pending
         self.connections = 0
         self.watch_events = 0
         self._on_connect = on_connect
         self._on_watch_event = on_watch_event
-        self._targets = [_Target("unix", socket_path)] if socket_path else default_targets()
+        self._targets = [(w.UNIX, socket_path)] if socket_path else w.default_targets()
         self._link: Optional[_Link] = None
         self._lock = gevent.lock.RLock()
+        self._transactions = gevent.lock.BoundedSemaphore(MAX_TRANSACTIONS)
         self._subs: Dict[bytes, _Subscription] = {}
         self._tokens = itertools.count(1)
         self._reconnector: Optional[Greenlet] = None
@@ -525,20 +462,23 @@ class PyxsXenStore(_Ops, XenStore):
             self._ensure()
         except _LinkDown as e:
             tried = "; ".join(f"{t} ({err})" for t, err in self._last_errors)
-            raise XenUnavailable(
-                f"{NO_XENSTORE_HINT}. Tried {tried}"
-            ) from e
+            raise XenUnavailable(f"{w.NO_XENSTORE_HINT}. Tried {tried}") from e
+
+    def fileno(self) -> Optional[int]:
+        """The connection's file descriptor (None while disconnected)."""
+        link = self._link
+        return link.fileno() if link is not None and link.alive else None
 
     # connections -------------------------------------------------------------
 
-    def _open(self, on_lost: Optional[Callable[[_Link], None]]) -> _Link:
+    def _open(self) -> _Link:
         errors: List[Tuple[str, str]] = []
         last: Optional[_LinkDown] = None
-        for target in self._targets:
+        for kind, path in self._targets:
             try:
-                return _Link(target, self.timeout, on_lost)
+                return _Link(kind, path, self.timeout, self._event, self._lost)
             except _LinkDown as e:
-                errors.append((target.path, _describe(e)))
+                errors.append((path, str(e).split(": ", 1)[-1]))
                 last = e
         self._last_errors = errors
         assert last is not None
@@ -557,7 +497,7 @@ class PyxsXenStore(_Ops, XenStore):
                 return link
             if self._closed:
                 raise XenStoreError("xenstore connection closed", "EBADF")
-            link = self._open(self._lost)
+            link = self._open()
             self._link = link
             self.connections += 1
             if self._on_connect is not None:
@@ -616,13 +556,17 @@ class PyxsXenStore(_Ops, XenStore):
                     raise
         raise AssertionError("unreachable")
 
-    def _count_event(self) -> None:
+    def _event(self, path: bytes, token: bytes) -> None:
+        """A watch event from the connection's reader: must not raise."""
         self.watch_events += 1
         if self._on_watch_event is not None:
             try:
                 self._on_watch_event()
-            except Exception:  # runs in pyxs's router: must not kill it
+            except Exception:
                 log.exception("on_watch_event callback failed")
+        sub = self._subs.get(token)
+        if sub is not None:
+            sub.put(_s(path))
 
     def _forget(self, sub: _Subscription) -> None:
         self._subs.pop(sub.token, None)
@@ -630,48 +574,47 @@ class PyxsXenStore(_Ops, XenStore):
     # XenStore ------------------------------------------------------------------
 
     def transaction(self, fn: Callable[[XenStoreOps], object], retries: int = 16) -> object:
-        link = self._open(None)
-        try:
+        with self._transactions:
             for _attempt in range(retries + 1):
-                reply = link.request(XS_TRANSACTION_START, _NUL, 0, "transaction start")
+                link = self._ensure()
                 try:
-                    tx_id = int(reply.rstrip(_NUL))
-                except ValueError:
-                    raise XenStoreError(f"transaction start: bad id {reply!r}", "EIO") from None
-                tx = _TransactionOps(link, tx_id)
-                try:
-                    result = fn(tx)
-                except BaseException as e:
-                    tx.valid = False
-                    if link.alive:
-                        try:
-                            link.request(XS_TRANSACTION_END, b"F" + _NUL, tx_id,
-                                         "transaction abort")
-                        except XenStoreError:
-                            pass
-                    if (isinstance(e, XenStoreError) and not isinstance(e, _LinkDown)
-                            and e.errno_name == "EAGAIN"):
-                        continue
-                    raise
-                tx.valid = False
-                try:
-                    link.request(XS_TRANSACTION_END, b"T" + _NUL, tx_id, "transaction commit")
+                    return self._attempt(link, fn)
                 except _LinkDown:
+                    self._discard(link)
                     raise
                 except XenStoreError as e:
-                    if e.errno_name == "EAGAIN":
-                        continue
-                    raise
-                return result
+                    if e.errno_name != w.EAGAIN:
+                        raise
             raise XenStoreError(f"transaction still conflicting after {retries} retries",
                                 "EAGAIN")
-        finally:
-            link.close()
+
+    @staticmethod
+    def _attempt(link: _Link, fn: Callable[[XenStoreOps], object]) -> object:
+        """One try: ``fn`` inside a transaction, committed if it returns."""
+        reply = link.request(w.XS_TRANSACTION_START, _NUL, 0, "transaction start")
+        try:
+            tx_id = int(reply.rstrip(_NUL))
+        except ValueError:
+            raise XenStoreError(f"transaction start: bad id {reply!r}", "EIO") from None
+        tx = _TransactionOps(link, tx_id)
+        try:
+            result = fn(tx)
+        except BaseException:
+            tx.valid = False
+            if link.alive:
+                try:
+                    link.request(w.XS_TRANSACTION_END, b"F" + _NUL, tx_id, "transaction abort")
+                except XenStoreError:
+                    pass
+            raise
+        tx.valid = False
+        link.request(w.XS_TRANSACTION_END, b"T" + _NUL, tx_id, "transaction commit")
+        return result
 
     def watch(self, paths: Sequence[str]) -> WatchSubscription:
         token = b"gblk-%d" % next(self._tokens)
         sub = _Subscription(self, token, paths, self.max_pending)
-        self._subs[token] = sub
+        self._subs[token] = sub  # before XS_WATCH: its first event may precede the reply
         try:
             link = self._ensure()  # a reconnection arms ``sub`` already
             if sub.link is not link:
@@ -684,21 +627,21 @@ class PyxsXenStore(_Ops, XenStore):
         return sub
 
     def get_domain_path(self, domid: int) -> str:
-        data = self._req(XS_GET_DOMAIN_PATH, str(domid).encode() + _NUL,
+        data = self._req(w.XS_GET_DOMAIN_PATH, str(domid).encode() + _NUL,
                          f"get_domain_path {domid}")
         return _s(data.rstrip(_NUL))
 
     def introduce_domain(self, domid: int, mfn: int, port: int) -> None:
         """XS_INTRODUCE (toolstack use)."""
         payload = b"".join(str(x).encode() + _NUL for x in (domid, mfn, port))
-        self._req(XS_INTRODUCE, payload, f"introduce {domid}")
+        self._req(w.XS_INTRODUCE, payload, f"introduce {domid}")
 
     def release_domain(self, domid: int) -> None:
         """XS_RELEASE (toolstack use): xenstored fires @releaseDomain."""
-        self._req(XS_RELEASE, str(domid).encode() + _NUL, f"release {domid}")
+        self._req(w.XS_RELEASE, str(domid).encode() + _NUL, f"release {domid}")
 
     def is_domain_introduced(self, domid: int) -> bool:
-        data = self._req(XS_IS_DOMAIN_INTRODUCED, str(domid).encode() + _NUL,
+        data = self._req(w.XS_IS_DOMAIN_INTRODUCED, str(domid).encode() + _NUL,
                          f"is_domain_introduced {domid}")
         return data.rstrip(_NUL) == b"T"
 

@@ -22,7 +22,7 @@ import pytest
 from gblk.blkif.const import XenbusState, Status
 from gblk.sim.frontend import Frontend, FrontendError, IoResult
 from gblk.sim.host import BackendProcess, Guest, SimHost
-from gblk.xen.xenstore import PyxsXenStore
+from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import (
     SECTOR,
@@ -356,7 +356,7 @@ class StateRecorder:
     def __init__(self, host: SimHost, path: str) -> None:
         self.path = path
         self.values: List[Optional[str]] = []
-        self._xs = PyxsXenStore(host.socket_path, host.timeout)
+        self._xs = GeventXenStore(host.socket_path, host.timeout)
         self._stop = gevent.event.Event()
         self._sub = self._xs.watch([path])
         self._g = gevent.spawn(self._run)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from gblk.xen.xenstore import PyxsXenStore
+from gblk.xen.xenstore import GeventXenStore
 from tests.conftest import PROCESS_DEADLINE
 
 DOMID = 7
@@ -35,8 +35,8 @@ def dm_cmd() -> List[str]:
 
 
 @pytest.fixture
-def store(xenstored: str) -> Iterator[PyxsXenStore]:
-    xs = PyxsXenStore(socket_path=xenstored, timeout=10.0)
+def store(xenstored: str) -> Iterator[GeventXenStore]:
+    xs = GeventXenStore(socket_path=xenstored, timeout=10.0)
     yield xs
     xs.close()
 
@@ -141,7 +141,7 @@ def wait_exit(dm: DM) -> int:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
-def test_serves_libxl_like_qemu(start_dm: Any, store: PyxsXenStore, tmp_path: Path,
+def test_serves_libxl_like_qemu(start_dm: Any, store: GeventXenStore, tmp_path: Path,
                                 sig: signal.Signals) -> None:
     """libxl's wait and its QMP conversation succeed: the state node says running once
     the sockets exist, the greeting carries a QEMU version, qmp_capabilities, an empty
@@ -184,7 +184,7 @@ def test_serves_libxl_like_qemu(start_dm: Any, store: PyxsXenStore, tmp_path: Pa
     assert not os.path.exists(qmp_path)
 
 
-def test_preopened_socket_and_prelaunch(start_dm: Any, store: PyxsXenStore, tmp_path: Path) -> None:
+def test_preopened_socket_and_prelaunch(start_dm: Any, store: GeventXenStore, tmp_path: Path) -> None:
     """With dm_restrict libxl listens itself, passes the socket as fd=N with -S and asks
     query-status for "prelaunch" (no state node yet, as QEMU); cont makes it running and
     writes the node."""
@@ -209,7 +209,7 @@ def test_preopened_socket_and_prelaunch(start_dm: Any, store: PyxsXenStore, tmp_
     assert "stopping on QMP quit" in dm.text()
 
 
-def test_exits_when_its_domain_is_gone(start_dm: Any, store: PyxsXenStore, tmp_path: Path) -> None:
+def test_exits_when_its_domain_is_gone(start_dm: Any, store: GeventXenStore, tmp_path: Path) -> None:
     """A guest destroyed without libxl stopping its device model (xl killed, a crash)
     leaves no device model behind: once /local/domain/<domid> is gone it exits 0."""
     store.write(f"/local/domain/{DOMID}/name", "guest1")

@@ -11,7 +11,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from gblk.hotplug import HotplugFailed, backend_kind, backend_path, run
-from gblk.xen.xenstore import PyxsXenStore
+from gblk.xen.xenstore import GeventXenStore
 from tests.conftest import PROCESS_DEADLINE
 
 DOMID, DEVID = 5, 51712
@@ -20,13 +20,13 @@ BACKEND = f"/local/domain/0/{RELATIVE}"
 
 
 @pytest.fixture
-def store(xenstored: str) -> Iterator[PyxsXenStore]:
-    xs = PyxsXenStore(socket_path=xenstored, timeout=10.0)
+def store(xenstored: str) -> Iterator[GeventXenStore]:
+    xs = GeventXenStore(socket_path=xenstored, timeout=10.0)
     yield xs
     xs.close()
 
 
-def make_backend(xs: PyxsXenStore, state: int, **nodes: str) -> None:
+def make_backend(xs: GeventXenStore, state: int, **nodes: str) -> None:
     """What libxl writes for a vbd before it runs the script (abridged)."""
     xs.write(f"{BACKEND}/frontend-id", str(DOMID))
     xs.write(f"{BACKEND}/online", "1")
@@ -55,7 +55,7 @@ def finish(proc: subprocess.Popen) -> Tuple[int, str]:
 
 
 def test_add_succeeds_when_gblk_already_took_the_device(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """libxl runs the script after InitWait: gblk has taken the disk and said so with
     hotplug-status=connected; the script confirms with exit 0 and changes nothing."""
@@ -67,7 +67,7 @@ def test_add_succeeds_when_gblk_already_took_the_device(
 
 
 def test_add_waits_until_gblk_takes_the_device(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """Started before the backend reached InitWait, the script waits for it, then
     writes hotplug-status=connected (as xen-hotplug-common.sh's success does)."""
@@ -80,7 +80,7 @@ def test_add_waits_until_gblk_takes_the_device(
 
 
 def test_add_times_out_and_tells_libxl_why(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """gblk not running (state stays Initialising): after GBLK_HOTPLUG_TIMEOUT the
     script writes hotplug-error (libxl logs it as "script: ...") and
@@ -94,7 +94,7 @@ def test_add_times_out_and_tells_libxl_why(
     assert err.count("\n") == 1 and "did not take" in err
 
 
-def test_add_relays_gblks_own_error(store: PyxsXenStore, xenstored: str, child_env: dict) -> None:
+def test_add_relays_gblks_own_error(store: GeventXenStore, xenstored: str, child_env: dict) -> None:
     """When gblk refused the disk (hotplug-status=error with its reason), the script
     fails at once and passes gblk's reason on."""
     make_backend(store, 1, hotplug_status="error", hotplug_error="cannot open /srv/disk.img: ENOENT")
@@ -104,7 +104,7 @@ def test_add_relays_gblks_own_error(store: PyxsXenStore, xenstored: str, child_e
     assert "cannot open /srv/disk.img" in (store.read(f"{BACKEND}/hotplug-error") or "")
 
 
-def test_add_fails_if_device_closed(store: PyxsXenStore, xenstored: str, child_env: dict) -> None:
+def test_add_fails_if_device_closed(store: GeventXenStore, xenstored: str, child_env: dict) -> None:
     """A device that went to Closed before it connected is a failed attach."""
     make_backend(store, 6)
     code, err = finish(start_script("add", xenstored, child_env))
@@ -114,7 +114,7 @@ def test_add_fails_if_device_closed(store: PyxsXenStore, xenstored: str, child_e
 
 
 def test_add_after_the_guest_already_closed_a_taken_device(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """On a busy dom0 the script can start after the guest connected and closed the
     disk again: gblk had taken it (hotplug-status=connected), so the attach succeeded."""
@@ -136,7 +136,7 @@ def test_script_stays_light(xenstored: str, child_env: dict) -> None:
 
 
 def test_add_never_recreates_a_removed_directory(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """If the toolstack removed the backend directory meanwhile, the failure is not
     written back (that would recreate the directory as debris)."""
@@ -149,7 +149,7 @@ def test_add_never_recreates_a_removed_directory(
     assert store.read(BACKEND) is None
 
 
-def test_add_accepts_an_absolute_path(store: PyxsXenStore, xenstored: str, child_env: dict) -> None:
+def test_add_accepts_an_absolute_path(store: GeventXenStore, xenstored: str, child_env: dict) -> None:
     """XENBUS_PATH may also be absolute (a toolstack of one's own)."""
     make_backend(store, 4)
     code, err = finish(start_script("add", xenstored, child_env, xenbus_path=BACKEND))
@@ -159,7 +159,7 @@ def test_add_accepts_an_absolute_path(store: PyxsXenStore, xenstored: str, child
 # --- remove ---------------------------------------------------------------------------
 
 
-def test_remove_waits_until_gblk_let_go(store: PyxsXenStore, xenstored: str, child_env: dict) -> None:
+def test_remove_waits_until_gblk_let_go(store: GeventXenStore, xenstored: str, child_env: dict) -> None:
     """On detach the script returns once gblk wrote Closed (image closed)."""
     make_backend(store, 5, online="0")
     proc = start_script("remove", xenstored, child_env)
@@ -169,14 +169,14 @@ def test_remove_waits_until_gblk_let_go(store: PyxsXenStore, xenstored: str, chi
 
 
 def test_remove_returns_when_the_directory_is_gone(
-    store: PyxsXenStore, xenstored: str, child_env: dict
+    store: GeventXenStore, xenstored: str, child_env: dict
 ) -> None:
     """A backend directory already removed means gblk let go."""
     code, err = finish(start_script("remove", xenstored, child_env))
     assert code == 0, err
 
 
-def test_remove_is_bounded(store: PyxsXenStore, xenstored: str, child_env: dict) -> None:
+def test_remove_is_bounded(store: GeventXenStore, xenstored: str, child_env: dict) -> None:
     """If gblk never lets go, remove gives up after the timeout with a message."""
     make_backend(store, 5, online="0")
     code, err = finish(start_script("remove", xenstored, child_env, timeout="0.3"))

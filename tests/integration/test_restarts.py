@@ -34,7 +34,7 @@ from gblk.blkif.const import XenbusState
 from gblk.sim.host import SimHost, child_env
 from gblk.sim.restarts import Restarter
 from gblk.sim.workload import Workload, WorkloadConfig
-from gblk.xen.xenstore import PyxsXenStore
+from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import file_bytes, logs_on_failure, pattern
 
@@ -185,7 +185,7 @@ def test_takeover_writes_nothing_a_frontend_sees():
         fe = g.frontend
         fe.write(0, pattern(3, 8 * SECTOR))
         host.backend.kill()
-        xs = PyxsXenStore(host.socket_path, host.timeout)
+        xs = GeventXenStore(host.socket_path, host.timeout)
         sub = xs.watch([g.disk.backend_path])
         try:
             assert sub.get(timeout=5) is not None  # the watch's initial event

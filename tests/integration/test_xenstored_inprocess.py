@@ -1,5 +1,5 @@
 """XenStoreServer embedded in the test process under gevent (as a test or a demo may
-run it), with pyxs clients in the same process: start/stop, domains, watches."""
+run it), with gblk's clients in the same process: start/stop, domains, watches."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from gblk.errors import XenStoreError  # noqa: E402
 from gblk.sim.xenstored import XenStoreServer  # noqa: E402
 from gblk.sim.xs_store import Quotas  # noqa: E402
-from gblk.xen.xenstore import PyxsXenStore  # noqa: E402
+from gblk.xen.xenstore import GeventXenStore  # noqa: E402
 
 
 @pytest.fixture
@@ -28,14 +28,14 @@ def sockdir() -> Iterator[str]:
     shutil.rmtree(tmp)
 
 
-def test_embedded_server_serves_pyxs_clients(sockdir: str) -> None:
+def test_embedded_server_serves_gblk_clients(sockdir: str) -> None:
     """start() makes the socket connectable at once; clients in the same process
     read, write and watch; stop() closes everything and removes the sockets, and is
     idempotent."""
     path = os.path.join(sockdir, "xs")
     server = XenStoreServer(path)
     server.start()
-    xs = PyxsXenStore(path, timeout=20)
+    xs = GeventXenStore(path, timeout=20)
     try:
         sub = xs.watch(["/e"])
         assert sub.get(20) == "/e"
@@ -57,8 +57,8 @@ def test_embedded_domains(sockdir: str) -> None:
     with XenStoreServer(path, Quotas(watches=2)) as server:
         guest_path = server.introduce_domain(8)
         assert guest_path == path + ".d8" and server.introduced_domains() == [8]
-        dom0 = PyxsXenStore(path, timeout=20)
-        guest = PyxsXenStore(guest_path, timeout=20)
+        dom0 = GeventXenStore(path, timeout=20)
+        guest = GeventXenStore(guest_path, timeout=20)
         try:
             dom0.mkdir("/local/domain/8")
             dom0.set_perms("/local/domain/8", ["n8", "r0"])

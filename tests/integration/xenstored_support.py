@@ -1,5 +1,5 @@
 """The simulated xenstored as its own process, for the tests that talk to it over its
-socket (raw wire protocol, pyxs, Debian's xenstore-* tools)."""
+socket (raw wire protocol, gblk's client, Debian's xenstore-* tools)."""
 
 from __future__ import annotations
 

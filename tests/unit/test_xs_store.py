@@ -7,8 +7,8 @@ from typing import List
 import pytest
 
 from gblk.sim import xs_store as xs
-from gblk.sim import xs_wire as w
-from gblk.sim.xs_wire import XsError
+from gblk.xen import xs_wire as w
+from gblk.xen.xs_wire import XsError
 
 DOM0 = xs.Caller(0)
 DOM5 = xs.Caller(5)

@@ -1,14 +1,18 @@
-"""The XenStore wire format, as ``xen/io/xs_wire.h`` defines it.
+"""The XenStore wire format, as ``xen/io/xs_wire.h`` defines it, once for all of gblk.
 
 Message types, the 16-byte header (four native ``uint32_t``: type, req_id, tx_id,
-len), the payload and path limits and the error names xenstored sends. Shared by the
-simulated xenstored and its tests. Pure: no IO, no gevent.
+len), the payload and path limits, the error names xenstored sends, the payloads of
+error replies and watch events, and where a client finds xenstored. Used by the
+daemon's client (``gblk.xen.xenstore``), the hotplug programs' plain client
+(``gblk.xen.xs_simple``) and the simulated xenstored (``gblk.sim``). Pure: no IO
+(``default_targets`` only looks at the environment and what exists), no gevent.
 """
 
 from __future__ import annotations
 
+import os
 import struct
-from typing import List, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 # enum xsd_sockmsg_type (xs_wire.h)
 XS_CONTROL = 0
@@ -112,6 +116,36 @@ class XsError(Exception):
         self.name = name
 
 
+# -- where xenstored lives ----------------------------------------------------------------
+DEFAULT_RUNDIR = "/var/run/xenstored"
+#: the xenbus device (dom0 or a driver domain without a xenstored socket), as libxenstore
+#: tries it: /dev/xen/xenbus, then the old /proc path
+XENBUS_PATHS = ("/dev/xen/xenbus", "/proc/xen/xenbus")
+#: what to check when no xenstored answers, in the terms of the distributions gblk
+#: runs on: Debian's xen-utils-common starts xenstored from /etc/init.d/xen, i.e.
+#: xen.service; upstream Xen ships xenstored.service
+NO_XENSTORE_HINT = ("no XenStore: xenstored is not running, or this is not a Xen "
+                    "control domain (Debian: systemctl status xen, started by "
+                    "/etc/init.d/xen from xen-utils-common; upstream Xen: systemctl "
+                    "status xenstored)")
+
+UNIX = "unix"
+XENBUS = "xenbus"
+
+
+def default_targets(environ: Optional[Mapping[str, str]] = None,
+                    exists: Callable[[str], bool] = os.path.exists) -> List[Tuple[str, str]]:
+    """(kind, path) in the order libxenstore tries them: ``$XENSTORED_PATH`` or
+    ``$XENSTORED_RUNDIR/socket`` (default /var/run/xenstored/socket), then the xenbus
+    device (the first always, so that an error names it; the old one if it exists)."""
+    env = os.environ if environ is None else environ
+    sock = env.get("XENSTORED_PATH") or os.path.join(
+        env.get("XENSTORED_RUNDIR", DEFAULT_RUNDIR), "socket")
+    return [(UNIX, sock)] + [(XENBUS, p) for p in XENBUS_PATHS
+                             if p == XENBUS_PATHS[0] or exists(p)]
+
+
+# -- framing -------------------------------------------------------------------------------
 def pack(msg_type: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
     """One message: header then payload (no size check: the caller enforces it)."""
     return HEADER.pack(msg_type, req_id, tx_id, len(payload)) + payload
@@ -130,3 +164,26 @@ def strings(payload: bytes) -> List[bytes]:
     """
     parts = payload.split(b"\0")
     return parts[:-1]
+
+
+def error_payload(name: str) -> bytes:
+    """The payload of an XS_ERROR reply."""
+    return name.encode("ascii") + b"\0"
+
+
+def error_name(payload: bytes) -> str:
+    """The error name of an XS_ERROR reply's payload (EIO when it is empty)."""
+    return payload.split(b"\0", 1)[0].decode("ascii", "replace") or EIO
+
+
+def watch_event_payload(path: bytes, token: bytes) -> bytes:
+    """The payload of an XS_WATCH_EVENT: the path that fired, then the token."""
+    return path + b"\0" + token + b"\0"
+
+
+def parse_watch_event(payload: bytes) -> Optional[Tuple[bytes, bytes]]:
+    """(path, token) of an XS_WATCH_EVENT payload, or None if it is malformed."""
+    parts = strings(payload)
+    if len(parts) < 2:
+        return None
+    return parts[0], parts[1]
