@@ -94,6 +94,9 @@ class Daemon:
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
+        if os.environ.get("GBLK_FAULT_INJECTION") == "1":  # gblk.storage.fault
+            log.warning("GBLK_FAULT_INJECTION=1: disks with params fault:PATH get injected "
+                        "storage faults (a test setting; never on a production host)")
         if cfg.metrics.enabled:
             from .metrics.collector import make_registry
             from .metrics.exporter import MetricsServer

@@ -53,7 +53,7 @@ from ..errors import GblkError, InvalidRequest, RingError
 from ..xen.interfaces import EventChannel, GrantMapping
 from . import jobs
 from .grants import PersistentGrants
-from .pages import Outcome
+from .pages import Outcome, io_reason
 from .stats import RingStats
 
 if TYPE_CHECKING:  # the dataplane imports this module
@@ -423,7 +423,7 @@ class RingWorker:
                             done = store.writev_nowait(views, offset, total)
                     except OSError as e:
                         done = None
-                        self._finish(slot, Status.ERROR, "io_error", e.strerror or str(e))
+                        self._finish(slot, Status.ERROR, io_reason(e), e.strerror or str(e))
                     if done is not False:
                         for v in views:
                             v.release()

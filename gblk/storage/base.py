@@ -63,7 +63,11 @@ class Store(abc.ABC):
 
 
 def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Store:
-    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise."""
+    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise.
+    (``fault``: the test-only fault-injecting store, see ``gblk.storage.fault``;
+    refused unless gblk's environment allows it.)"""
+    if fmt == "fault":
+        return FaultStore(path, readonly=readonly, direct=direct)
     if fmt not in SUPPORTED_FORMATS:
         raise StorageError(
             f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
@@ -71,4 +75,5 @@ def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Sto
     return RawStore(path, readonly=readonly, direct=direct)
 
 
+from .fault import FaultStore  # noqa: E402  (fault imports this module)
 from .raw import RawStore  # noqa: E402  (raw imports this module)
