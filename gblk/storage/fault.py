@@ -64,8 +64,8 @@ class Rule:
         if self.op not in OPS:
             raise ValueError(f"op {self.op!r} (known: {', '.join(OPS)})")
         sectors = raw.get("sectors")
-        self.first, self.end = (None, None) if sectors is None else (
-            int(sectors[0]) << 9, int(sectors[1]) << 9)
+        self.first: Optional[int] = None if sectors is None else int(sectors[0]) << 9
+        self.end: Optional[int] = None if sectors is None else int(sectors[1]) << 9
         name = raw.get("error")
         self.error: Optional[int] = None
         if name is not None:
