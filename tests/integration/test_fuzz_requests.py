@@ -189,7 +189,7 @@ def test_fuzzed_batches_are_answered_once_and_touch_nothing_else(rig: Rig, data:
     touched: Set[Tuple[int, int]] = set()
     placed = [_place(rig, spec, touched) for _, spec in batch]
     fe.push(0)
-    for (op, spec), (rid, result) in zip(batch, placed):
+    for (_op, spec), (rid, result) in zip(batch, placed):
         rsp = result.get(timeout=WAIT)
         assert rsp is not None, f"request {spec} never answered"
         assert rsp.id == rid
