@@ -133,6 +133,9 @@ class Daemon:
         self.stats.xenstore_connected = True
         hub = gevent.get_hub()
         hub.threadpool.maxsize = cfg.backend.io_threads
+        if os.environ.get("GBLK_FAULT_INJECTION") == "1":  # gblk.storage.fault
+            log.warning("GBLK_FAULT_INJECTION=1: disks with params fault:PATH get injected "
+                        "storage faults (a test setting; never on a production host)")
         # the control plane's blocking calls get threads of their own (and a deadline):
         # a store whose open hangs holds one of them, never one of the IO threads
         self.control_pool = ControlPool(cfg.backend.control_threads, cfg.backend.control_timeout)

@@ -98,3 +98,21 @@ def xenstored(tmp_path: Path, child_env: dict) -> Iterator[str]:
         yield path
     finally:
         stop_process(proc)
+
+
+#: modules of the hostile suite (``pytest -m hostile``, docs/testing.md): hostile
+#: guests, protocol conformance, request validation, storage faults. New modules of
+#: the suite mark themselves (``pytestmark = pytest.mark.hostile``).
+HOSTILE_MODULES = frozenset({
+    "test_hostile_grants", "test_hostile_lifecycle", "test_hostile_ring",
+    "test_backend_safety", "test_backend_matrix",
+    "test_blkif_validate", "test_blkif_abi", "test_blkif_ring",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        name = getattr(module, "__name__", "").rpartition(".")[2]
+        if name in HOSTILE_MODULES:
+            item.add_marker(pytest.mark.hostile)

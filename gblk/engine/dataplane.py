@@ -12,6 +12,7 @@ a deadline: ``gblk.engine.control``) and the device's stats. Runs on the hub.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..blkif.abi import Abi
@@ -22,6 +23,7 @@ from . import jobs
 from .cbt import Tracker
 from .control import ControlPool
 from .handles import EventChannels
+from .iopool import IOPool
 from .pages import PageSource
 from .ring import RingWorker
 from .stats import DeviceStats, RingStats
@@ -65,7 +67,8 @@ class Dataplane:
         self.store = store
         self.domid = domid
         self.abi = abi
-        self.pool = pool
+        #: this disk's share of the IO threads (spawn never blocks: gblk.engine.iopool)
+        self.pool = IOPool.of(pool).device()
         self.control = control
         self.device_stats = device_stats
         self.log = log
@@ -106,11 +109,12 @@ class Dataplane:
             raise
 
     def stop(self, timeout: float) -> None:
-        """Answer every consumed request (at most ``timeout`` seconds per ring), then
-        release every mapping and event channel. Idempotent."""
+        """Answer every consumed request (at most ``timeout`` seconds in all, however
+        many rings), then release every mapping and event channel. Idempotent."""
         rings, self.rings = self.rings, []
+        deadline = time.monotonic() + timeout
         for w in rings:
-            w.stop(timeout)
+            w.stop(max(0.2, deadline - time.monotonic()))
 
     def resize(self, limits: DiskLimits) -> None:
         """New limits (the store grew or shrank): every request checked from now on

@@ -22,7 +22,7 @@ from ..errors import GblkError, GrantError, InvalidRequest
 from ..storage import Store
 from ..xen.interfaces import GrantMapping, GrantTable
 from . import pages as _pages
-from .pages import Outcome, PageSource, join_descriptors, page_source
+from .pages import Outcome, PageSource, io_failed, join_descriptors, page_source
 
 MODE_MAP = _pages.MAP
 MODE_PERSISTENT = _pages.PERSISTENT
@@ -95,7 +95,7 @@ def run_indirect(ctx: JobContext, op: int, grefs: Sequence[int], nr_segments: in
     try:
         ctx.pages.io(op, out.segments, sector << SECTOR_SHIFT, data, out)
     except OSError as e:
-        out.fail("io_error", e.strerror or str(e))
+        io_failed(out, e)
     if out.status != 0:
         _pages.release([], out)
     return out
@@ -135,7 +135,7 @@ def run_request(
             store.flush()
     except OSError as e:
         _pages.release([], out)
-        return out.fail("io_error", e.strerror or str(e))
+        return io_failed(out, e)
     return out
 
 
@@ -151,7 +151,7 @@ def run_views(ctx: JobContext, op: int, views: List[memoryview], offset: int,
             ctx.store.writev(views, offset)
         out.nbytes = nbytes
     except OSError as e:
-        out.fail("io_error", e.strerror or str(e))
+        io_failed(out, e)
     finally:
         for v in views:
             v.release()
@@ -177,7 +177,7 @@ def run_discard(ctx: JobContext, sector: int, nr_sectors: int, secure: bool) -> 
     try:
         ctx.store.discard(sector << SECTOR_SHIFT, nr_sectors << SECTOR_SHIFT, secure)
     except OSError as e:
-        return out.fail("io_error", e.strerror or str(e))
+        return io_failed(out, e)
     out.nbytes = nr_sectors << SECTOR_SHIFT  # gblk_bytes_total{op="discard"}: bytes discarded
     return out
 

@@ -19,6 +19,7 @@ turns into outcomes. Nothing here reads the shared ring.
 from __future__ import annotations
 
 import abc
+import errno
 import mmap
 from typing import Dict, List, Sequence, Tuple, Union
 
@@ -58,6 +59,21 @@ class Outcome:
         self.reason = reason
         self.detail = detail
         return self
+
+
+#: errnos of a full backing store (the operator grows it; nothing is broken)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def io_reason(e: OSError) -> str:
+    """The error reason a failed store call counts under: ``no_space`` (ENOSPC,
+    EDQUOT) or ``io_error`` (everything else)."""
+    return "no_space" if e.errno in _NO_SPACE else "io_error"
+
+
+def io_failed(out: "Outcome", e: OSError) -> "Outcome":
+    """``out`` failed by the store's ``e``, under its reason."""
+    return out.fail(io_reason(e), e.strerror or str(e))
 
 
 def nbytes(segments: Sequence[Segment]) -> int:

@@ -56,7 +56,7 @@ from . import crashpoints, jobs, throttle
 from .grants import PersistentGrants
 from .journal import HEADER_SIZE as _JOURNAL_HEADER
 from .journal import RingJournal, identity, recover
-from .pages import Outcome
+from .pages import Outcome, io_reason
 from .stats import RingStats
 
 if TYPE_CHECKING:  # the dataplane imports this module
@@ -476,7 +476,7 @@ class RingWorker:
                             done = store.writev_nowait(views, offset, total)
                     except OSError as e:
                         done = None
-                        self._finish(slot, Status.ERROR, "io_error", e.strerror or str(e))
+                        self._finish(slot, Status.ERROR, io_reason(e), e.strerror or str(e))
                     if done is not False:
                         for v in views:
                             v.release()

@@ -32,6 +32,7 @@ REASONS = (
     "read_only",  # write/flush-with-data/discard on mode=r or cdrom
     "unsupported_op",  # answered EOPNOTSUPP
     "io_error",  # the backing store failed
+    "no_space",  # the backing store is full (ENOSPC, EDQUOT)
     "grant_map",  # a grant could not be mapped
     "grant_copy",  # a grant copy segment failed
     "ring_halted",  # bogus producer index: ring stopped

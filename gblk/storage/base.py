@@ -64,7 +64,11 @@ class Store(abc.ABC):
 
 
 def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Store:
-    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise."""
+    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise.
+    (``fault``: the test-only fault-injecting store, see ``gblk.storage.fault``;
+    refused unless gblk's environment allows it.)"""
+    if fmt == "fault":
+        return FaultStore(path, readonly=readonly, direct=direct)
     if fmt not in SUPPORTED_FORMATS:
         raise StorageError(
             f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
@@ -79,6 +83,7 @@ def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Sto
         raise StorageError(f"cannot serve {fmt}:{path}: {e.strerror or e}") from None
 
 
-from .nbd import remote_store  # noqa: E402  (these import this module)
+from .fault import FaultStore  # noqa: E402  (these import this module)
+from .nbd import remote_store  # noqa: E402
 from .qemunbd import image_store  # noqa: E402
 from .raw import RawStore  # noqa: E402

@@ -35,7 +35,7 @@ PAGE = 4096
 MiB = 1 << 20
 OPS = ("read", "write", "barrier", "flush", "discard", "unsupported")
 REASONS = ("invalid_segment_count", "invalid_segment", "invalid_range", "invalid_indirect",
-           "read_only", "unsupported_op", "io_error", "grant_map", "grant_copy", "ring_halted")
+           "read_only", "unsupported_op", "io_error", "no_space", "grant_map", "grant_copy", "ring_halted")
 #: the daemon's default max_persistent_grants (per ring)
 PGRANT_LIMIT_PER_RING = 1056
 SECOND_DISK = 51728  # xvdb
