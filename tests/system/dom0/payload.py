@@ -1082,6 +1082,7 @@ def sc_bench(res, gblk):
 
 
 SCENARIOS = {
+    "install": sc_install,
     "probe": sc_probe,
     "pipeline": sc_pipeline,
     "fio_verify": sc_fio_verify,
