@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tarfile
 import zipfile
-from pathlib import Path
 from typing import List, Set
 
 import pytest

@@ -365,6 +365,7 @@ class Gblk:
         try:
             self.service.start(limit)
         except service.UnitError as e:
+            self.stop()  # a start that failed leaves nothing running (systemd kills it too)
             raise Failure("gblk.service: %s (see logs/%s)" % (e, self.log_name)) from e
         log("gblk: READY=1 from pid %d: %s" % (self.proc.pid, " ".join(self.service.argv)))
         deadline = time.monotonic() + limit
@@ -378,6 +379,7 @@ class Gblk:
                 return
             except OSError:
                 time.sleep(0.5)
+        self.stop()
         raise Failure("gblk metrics did not answer on %s within %ss" % (self.addr, limit))
 
     def alive(self):
