@@ -146,8 +146,8 @@ def test_installed_unit_contract(scenario: Scenario) -> None:
     a stop ends it with exit 0 after STOPPING=1."""
     result = scenario()
     ok = {c["name"] for c in result["checks"] if c["ok"]}
-    assert {"ready", "status-line", "notify-access-main", "reload-keeps-serving", "reload-logged",
-            "stop-clean", "started-again"} <= ok
+    assert {"ready", "status-line", "notify-access-main", "watchdog-pings", "reload-keeps-serving",
+            "reload-logged", "stop-clean", "started-again"} <= ok
     runs = result["data"]["runs"]
-    assert len(runs) >= 2 and all(r["pings"] > 0 for r in runs), runs
+    assert len(runs) >= 2 and runs[-1]["pings"] > 0, runs
     assert {f"watchdog-run-{i}" for i in range(len(runs))} <= ok

@@ -982,6 +982,11 @@ def sc_service(res, gblk):
     res.check("status-line", bool(svc.status_text()), svc.status_text())
     res.check("notify-access-main", not svc.foreign_senders(), svc.foreign_senders())
     pid = gblk.proc.pid
+    # gblk pings from its event loop every half WatchdogSec=: wait for one in this run
+    deadline = time.monotonic() + 2 * (svc.watchdog_sec or 30)
+    while svc.watchdog_gaps()[0] == 0 and gblk.alive() and time.monotonic() < deadline:
+        time.sleep(1)
+    res.check("watchdog-pings", svc.watchdog_gaps()[0] > 0, "WATCHDOG=1 pings: %d" % svc.watchdog_gaps()[0])
     reload_out = svc.reload()
     res.data["reload"] = [[" ".join(a), rc] for a, rc in reload_out]
     time.sleep(3)
@@ -996,7 +1001,8 @@ def sc_service(res, gblk):
     res.check("stop-clean", rc == 0 and run["stopping"], "exit %s, STOPPING=1 %s" % (rc, run["stopping"]))
     for i, r in enumerate(gblk.runs):
         limit = svc.watchdog_sec
-        res.check("watchdog-run-%d" % i, limit is not None and r["pings"] > 0 and r["longest_gap"] < limit,
+        res.check("watchdog-run-%d" % i, limit is not None and r["longest_gap"] is not None
+                  and r["longest_gap"] < limit,
                   "%d pings, longest gap %s s (WatchdogSec=%s)" % (r["pings"], r["longest_gap"], limit))
         res.check("notify-access-run-%d" % i, not r["foreign_senders"], r["foreign_senders"])
     gblk.start()
