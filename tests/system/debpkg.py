@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 try:  # run from the package or as a script's sibling
     from . import lab
@@ -122,7 +122,3 @@ def ensure_deb(tree: Optional[Path] = None) -> Path:
     lab.log(f"deb: built {deb} in {time.monotonic() - t0:.0f} s")
     return deb
 
-
-def deb_files() -> List[str]:
-    """The names this module builds from, for the report (relative to the tree)."""
-    return [str(p) for p in tree_files(lab.REPO)]
