@@ -12,40 +12,15 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Dict
 
 import pytest
 
-import gblk
-
 from .host_tools import require_tool
+from .packaging_support import DEBIAN_PYTHON, IGNORE, REPO, VERSION, clean_env, run
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION = gblk.__version__
 DEB = f"gblk_{VERSION}_all.deb"
-DEBIAN_PYTHON = "/usr/bin/python3"
-# what the build must not see: tox's or a venv's interpreters ahead of Debian's
-# (pybuild runs "python3.11" from PATH), caches and earlier build output
-CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-IGNORE = shutil.ignore_patterns(
-    ".git", ".tox", ".venv", "venv", "__pycache__", "*.pyc", "build", "dist", "*.egg-info",
-    ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", ".import_linter_cache",
-    ".benchmarks", "_build.py", ".pybuild",
-)
 SUBCOMMANDS = ["serve", "demo", "sim", "bench", "list", "stats", "status", "config", "hash-password"]
-
-
-def clean_env(**extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
-    env.update(PATH=CLEAN_PATH, LC_ALL="C.UTF-8")
-    env.update(extra)
-    return env
-
-
-def run(cmd: List[str], **kw: Any) -> "subprocess.CompletedProcess[str]":
-    kw.setdefault("env", clean_env())
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
 
 
 class Built:
@@ -272,3 +247,25 @@ def test_offline_venv_install_as_readme_says(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.startswith(str(venv)), proc.stdout + proc.stderr
     for exe in ("gblk-xl-hotplug", "gblk-device-model"):
         assert os.access(venv / "bin" / exe, os.X_OK), exe
+    # step 2 of README's venv install takes the unit and the configuration from here
+    data = venv / "share/gblk"
+    assert (data / "systemd/gblk.service").read_text() == (REPO / "systemd/gblk.service").read_text()
+    assert (data / "monitoring/rules/alerts.yml").is_file() and (data / "monitoring/README.md").is_file()
+    proc = run([str(venv / "bin/gblk"), "config", "--quiet", "--config", str(data / "systemd/gblk.toml")],
+               cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_readme_build_command_installs_the_build_dependencies() -> None:
+    """README's apt-get line before dpkg-buildpackage names every Build-Depends of
+    debian/control and build-essential (which dpkg-buildpackage requires implicitly)."""
+    readme = (REPO / "README.md").read_text()
+    line = next(line for line in readme.splitlines()
+                if line.startswith("apt-get install") and "dh-python" in line)
+    named = set(line.split()[2:])
+    control = (REPO / "debian/control").read_text()
+    field = re.search(r"^Build-Depends:(.*?)^\S", control, re.S | re.M)
+    assert field is not None
+    wanted = {re.sub(r"\s*\(.*\)", "", dep).strip() for dep in field.group(1).split(",") if dep.strip()}
+    wanted = {dep for dep in wanted if not dep.startswith("debhelper-compat")} | {"debhelper", "build-essential"}
+    assert wanted <= named, sorted(wanted - named)

@@ -83,9 +83,8 @@ class XenRun:
             for extra in result.get("logs", []):  # the scenario's own (a device model's, ...)
                 item.add_report_section("call", f"{extra} (tail)", _tail(self.results / extra))
         item.add_report_section("call", "gblk.log (tail)", _tail(logs / "gblk.log"))
-        if (logs / "gblk-stacks.txt").exists():
-            item.add_report_section("call", "gblk stacks at failed scenarios (tail)",
-                                    _tail(logs / "gblk-stacks.txt", 12000))
+        for state in sorted(logs.glob("gblk-status-*.txt")) + sorted(logs.glob("gblk-list-*.txt")):
+            item.add_report_section("call", f"{state.name} (gblk at a failed scenario)", _tail(state, 3000))
         item.add_report_section("call", "payload.log (tail)", _tail(logs / "payload.log", 4000))
         if result is None:
             item.add_report_section("call", "serial console (tail)", _tail(self.results / "serial.log"))
@@ -172,6 +171,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if manifest:
         tr.write_line(f"image build (when it ran): {manifest.get('seconds')} s {manifest.get('timings')}")
     tr.write_line(f"image stage in this session: {info.get('image_stage_seconds')} s")
+    tr.write_line(f"package (.deb) stage: {info.get('deb_stage_seconds')} s: {info.get('deb')}")
     qemu = info.get("qemu", {})
     tr.write_line(f"boot (QEMU start to exit): {qemu.get('seconds')} s, exit {qemu.get('rc')}")
     for stamp, t in sorted(info.get("dom0", {}).items(), key=lambda kv: kv[1]):

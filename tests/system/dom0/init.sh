@@ -1,9 +1,11 @@
 #!/bin/sh
 # gblk system suite: dom0's per-boot init (PID 1), run from the host's 9p share by the
 # image's /usr/sbin/gblk-lab-init. Brings up what a Debian Xen host has (xenfs, the Xen
-# device modules, xenstored, xenconsoled logging guest consoles into the share), installs
-# the payload's helpers, runs payload.py under a hard time limit, then powers off through
+# device modules, xenstored, xenconsoled logging guest consoles into the share), runs
+# payload.py under a hard time limit (it installs gblk's .deb), then powers off through
 # sysrq (Xen enters S5 and QEMU exits 0). Must never exit: PID 1 exiting panics dom0.
+# Not systemd: see docs/testing.md ("gblk as the package installs it") for why, and
+# payload.py/service.py for how the installed gblk.service is started instead.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LANG=C.UTF-8
 S=/mnt/share
@@ -30,11 +32,8 @@ if grep -q '"blkback": true' "$S/config.json"; then
     modprobe xen-blkback
 fi
 
-# gblk's commands where README's install section puts them (the runner wrote them from
-# setup.cfg's console scripts): gblk, gblk-device-model (the device model of the qdisk
-# guests) and gblk-xl-hotplug, replaced by the wrapper that logs each call for the report
-install -m 755 "$S"/bin/* /usr/local/bin/
-install -m 755 "$S/dom0/gblk-xl-hotplug" /usr/local/bin/gblk-xl-hotplug
+# gblk itself is not here: the payload installs the .deb in the share ($S/deb) with
+# apt-get, as an operator does, and starts the installed unit (scenario "install")
 
 cat >> /etc/default/xen <<EOT
 XENCONSOLED_ARGS="--log=guest --log-dir=$R/consoles --timestamp=guest"
