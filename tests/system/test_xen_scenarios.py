@@ -33,7 +33,7 @@ def test_the_deb_installs_offline_as_an_operator_installs_it(scenario: Scenario)
 
 @pytest.mark.scenario("probe")
 def test_bindings_on_real_xen(scenario: Scenario) -> None:
-    """gblk's cffi bindings and pyxs adapter work on real Xen: dom0 grants pages to itself
+    """gblk's cffi bindings and XenStore client work on real Xen: dom0 grants pages to itself
     and gblk maps them (read-write and read-only), grant-copies both ways, binds an
     event channel and notifies both ways, and talks to xenstored."""
     result = scenario()
@@ -119,6 +119,30 @@ def test_two_guests_one_destroyed_mid_io(scenario: Scenario) -> None:
     result = scenario()
     ok = {c["name"] for c in result["checks"] if c["ok"]}
     assert {"b-domain-released", "a-io-loop", "no-grant-mappings-left"} <= ok
+
+
+@pytest.mark.scenario("qcow2")
+def test_qcow2_image_through_qemu_nbd(scenario: Scenario) -> None:
+    """A qcow2 image (xl's format=qcow2, backendtype=qdisk) served through the qemu-nbd gblk
+    supervises: fio --verify=crc32c with flushes, mkfs.ext4, a tree copied in, fsck -f
+    clean and every checksum right after a remount; one qemu-nbd while the disk is there,
+    none after, and qemu-img check finds the image clean (issue 11)."""
+    result = scenario()
+    ok = {c["name"] for c in result["checks"] if c["ok"]} | {s["name"] for s in result["steps"] if s["ok"]}
+    assert {"one-qemu-nbd", "fio-verify", "fio-no-errors", "fsck", "checksums", "qemu-nbd-stopped",
+            "qemu-img-check"} <= ok
+
+
+@pytest.mark.scenario("restart")
+def test_fio_verify_across_sigkills_of_gblk(scenario: Scenario) -> None:
+    """fio --verify=crc32c runs in a Linux guest while gblk is SIGKILLed twice and started
+    again as its unit says (issue 10): every fio run passes, the guest's kernel logs no
+    I/O error and no "Setting capacity" (the restarted gblk rewrites nothing blkfront
+    takes for a resize), and gblk counts no error."""
+    result = scenario()
+    ok = {c["name"] for c in result["checks"] if c["ok"]} | {s["name"] for s in result["steps"] if s["ok"]}
+    assert {"fio-verify", "kernel-log", "restarts", "no-gblk-errors"} <= ok
+    assert len(result["data"]["restart_seconds"]) == 2
 
 
 @pytest.mark.scenario("readme_qdisk")

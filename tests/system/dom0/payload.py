@@ -602,6 +602,66 @@ def sc_attach_detach(res, gblk):
     g.finish(res)
 
 
+def sc_qcow2(res, gblk):
+    """issue 11: a qcow2 image (backendtype=qdisk, format=qcow2: libxl writes params
+    qcow2:PATH) served through the qemu-nbd gblk starts for it: fio --verify, mkfs + fsck
+    and checksums in the guest; qemu-nbd goes with the disk and qemu-img check is clean."""
+    path = os.path.join(LAB, "disk.qcow2")
+    if os.path.exists(path):
+        os.unlink(path)
+    sh(["qemu-img", "create", "-q", "-f", "qcow2", path, "256M"], timeout=60)
+    spec = "format=qcow2,vdev=xvda,access=rw,backendtype=qdisk,target=%s" % path
+    g = Guest("qcow2", "qcow2", [spec], fio=True).create(res)
+    g.wait("READY", "served")
+    procs = sh(["pgrep", "-a", "qemu-nbd"], check=False, quiet=True).strip().splitlines()
+    res.data["qemu_nbd"] = procs
+    res.check("one-qemu-nbd", len(procs) == 1 and "--format=qcow2" in procs[0], procs)
+    g.wait("DONE")
+    collect(res, g)
+    rep = g.console.json("verify") or {}
+    errors = [j.get("error") for j in rep.get("jobs", [])]
+    res.check("fio-no-errors", errors == [0], errors)
+    g.finish(res)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and sh(["pgrep", "-x", "qemu-nbd"], check=False, quiet=True).strip():
+        time.sleep(0.5)
+    left = sh(["pgrep", "-a", "qemu-nbd"], check=False, quiet=True).strip()
+    res.check("qemu-nbd-stopped", not left, left)
+    check = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True, timeout=120)
+    res.check("qemu-img-check", check.returncode == 0, (check.stdout + check.stderr).strip()[-300:])
+
+
+def sc_restart(res, gblk):
+    """issue 10: fio --verify in the guest while gblk is SIGKILLed twice at random moments
+    and started again as its unit says: the guest sees a pause, never an error, and no
+    "Setting capacity" (a takeover rewrites nothing blkfront reacts to)."""
+    import random
+
+    a = make_image("restart", 128)
+    g = Guest("restart", "restart", [disk_spec("xvda", a, "phy")], fio=True).create(res)
+    g.wait("READY", "fio")
+    pauses = []
+    for _ in range(2):
+        time.sleep(random.uniform(2, 8))
+        pid = gblk.proc.pid
+        t = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        gblk.proc.wait(timeout=30)
+        gblk.start()  # READY=1 and metrics: the disks are taken over before either
+        pauses.append(round(time.monotonic() - t, 1))
+        log("restart: gblk %d killed, %d serving after %.1fs" % (pid, gblk.proc.pid, pauses[-1]))
+    res.data["restart_seconds"] = pauses
+    time.sleep(5)  # the guest's IO goes on after the last restart
+    ack(a, "stop")
+    g.wait("DONE")
+    collect(res, g)
+    g.finish(res)
+    res.check("restarts", len(pauses) == 2, pauses)
+    samples = gblk.metrics()
+    errs = metric_sum(samples, "gblk_errors_total")
+    res.check("no-gblk-errors", errs == 0, errs)
+
+
 def sc_read_only(res, gblk):
     """5: read-only disks (phy and qdisk): the guest sees them read-only, writes fail."""
     a = make_image("ro-a", 64, fill_mib=4)
@@ -1100,12 +1160,14 @@ SCENARIOS = {
     "read_only": sc_read_only,
     "discard": sc_discard,
     "two_guests": sc_two_guests,
+    "qcow2": sc_qcow2,
+    "restart": sc_restart,
     "readme_qdisk": sc_readme_qdisk,
     "service": sc_service,
     "bench": sc_bench,
 }
 NEEDS_GBLK = {"fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard", "two_guests",
-              "service"}
+              "qcow2", "restart", "service"}
 
 
 def cleanup_domains():

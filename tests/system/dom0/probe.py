@@ -50,7 +50,7 @@ evt.xenevtchn_unmask.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
 
 
 def main():
-    from gevent import monkey  # before pyxs is imported (gblk.xen.xenstore)
+    from gevent import monkey  # before gblk imports gevent's hub users
 
     monkey.patch_all(queue=False)
     mods = {}
@@ -178,7 +178,7 @@ def main():
         attempt("evtchn-roundtrip", roundtrip)
         attempt("evtchn-close", ec.close)
 
-    # xenstore through pyxs under gevent
+    # xenstore through gblk's own gevent client (gblk.xen.xenstore)
     def xs():
         s = open_xs()
         name = s.read("/local/domain/0/name")
