@@ -214,6 +214,9 @@ class SimEventChannel(EventChannel):
             self._sock.close()
             raise
         self._ports: Dict[int, None] = {}  # local ports bound through this handle
+        #: local port -> the domain at its other end (interdomain binds): a remote
+        #: domain's port table stays open only while a port of this handle uses it
+        self._remote: Dict[int, int] = {}
         self._ready: Deque[int] = collections.deque()
         self._addrs: Dict[int, bytes] = {}  # handle id -> socket address
         self._closed = False
@@ -268,6 +271,7 @@ class SimEventChannel(EventChannel):
                     PortRecord(ECS_INTERDOMAIN, F_MASKED | F_FIRED, domid, remote_port, self.handle_id),
                 )
             self._ports[local] = None
+            self._remote[local] = domid
             self._wake(self.handle_id)
             return local
 
@@ -389,7 +393,21 @@ class SimEventChannel(EventChannel):
     def unbind(self, port: int) -> None:
         with self._lock:
             self._check_mine(port)
-            self._unbind_locked(port)
+            try:
+                self._unbind_locked(port)
+            finally:
+                self._forget_remote(port)
+
+    def _forget_remote(self, port: int) -> None:
+        """Close the remote domain's port table once no port of this handle uses it (a
+        handle shared by every disk of a daemon would otherwise keep two files of every
+        guest that ever connected)."""
+        domid = self._remote.pop(port, None)
+        if domid is None or domid == self.domid or domid in self._remote.values():
+            return
+        table = self._tables.pop(domid, None)
+        if table is not None:
+            table.close()
 
     def close(self) -> None:
         with self._lock:

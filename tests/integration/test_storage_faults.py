@@ -80,7 +80,11 @@ def env() -> Iterator[Env]:
         d = launch_faulty(host, "faults", '[daemon]\nkinds = ["qdisk"]\n')
         try:
             by = make_guest(host, max_ring_page_order=0, max_queues=1)
-            yield Env(host, d, Bystander(by.frontend))
+            bystander = Bystander(by.frontend)
+            # its first IO opens what the daemon keeps for the bystander's guest (its
+            # memory, the shared handles): part of every test's file-descriptor baseline
+            bystander.check_once()
+            yield Env(host, d, bystander)
         finally:
             d.stop()
 
