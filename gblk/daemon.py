@@ -106,6 +106,9 @@ class Daemon:
         self.control_pool: Optional[ControlPool] = None
         #: abandoned control calls still running when the daemon stopped
         self.stuck_calls = 0
+        #: guest IO jobs still running in the threadpool when the daemon stopped (their
+        #: requests abandoned after stop_timeout: a store that never answers)
+        self.stuck_io = 0
         self._stop = gevent.event.Event()
         self._hup = False
         self._greenlets: List[gevent.Greenlet] = []
@@ -323,6 +326,10 @@ class Daemon:
         if self.bus is not None:
             bus, self.bus = self.bus, None
             bus.stop(self.config.daemon.stop_timeout)
+            try:  # gevent's ThreadPool: tasks queued or running
+                self.stuck_io = len(gevent.get_hub().threadpool)
+            except TypeError:
+                self.stuck_io = 0
         if self.control_pool is not None:
             pool, self.control_pool = self.control_pool, None
             self.stuck_calls = pool.close()
@@ -523,12 +530,17 @@ def serve(config: Config, debug: bool = False, takeover: bool = False) -> int:
     a thread when the daemon has stopped. Interpreter shutdown with such a thread can
     crash (SIGSEGV seen on CPython 3.9 and Debian 12's 3.11 with gevent 22.10), so then
     the process ends with ``os._exit`` once everything else is closed and the logs are
-    flushed: nothing is left to finalize but that thread."""
+    flushed: nothing is left to finalize but that thread. The same for guest IO abandoned
+    after ``stop_timeout`` (a store that never answers): its thread still holds guest pages."""
     daemon = Daemon(config, takeover=takeover)
     rc = daemon.run()
-    if daemon.stuck_calls:
-        log.warning("exiting with %d control call(s) still stuck (abandoned at their deadline)",
-                    daemon.stuck_calls)
+    if daemon.stuck_calls or daemon.stuck_io:
+        if daemon.stuck_calls:
+            log.warning("exiting with %d control call(s) still stuck (abandoned at their "
+                        "deadline)", daemon.stuck_calls)
+        if daemon.stuck_io:
+            log.warning("exiting with %d IO job(s) still stuck (their requests abandoned "
+                        "after stop_timeout)", daemon.stuck_io)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -168,7 +168,10 @@ class Device:
                 self.log.warning("closing the store: %s", e)
         if self.gnttab is not None:
             g, self.gnttab = self.gnttab, None
-            g.close()
+            try:
+                g.close()
+            except GblkError as e:  # pages an abandoned IO job still holds go with the process
+                self.log.warning("closing the grant table: %s", e)
         if self._sub is not None:
             self._sub.close()
             self._sub = None
