@@ -23,6 +23,8 @@ log = logging.getLogger("gblk.sim.restarts")
 
 #: how long a restarted daemon may take to serve again before it counts as failed
 SERVE_TIMEOUT = 60.0
+#: the test hook of gblk.engine.crashpoints: a daemon started with it kills itself
+CRASH_ENV = "GBLK_TEST_CRASH"
 
 
 class Restarter:
@@ -48,13 +50,19 @@ class Restarter:
         self._greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        """No more kills; a restart under way is finished first (a daemon runs after)."""
+        """No more kills; a restart under way is finished first, and a daemon runs
+        after. One started with the crash-point hook (``GBLK_TEST_CRASH``) would still
+        kill itself with nobody left to start it again, and the guests would wait
+        forever: it is replaced by one without the hook (one more restart)."""
         g, self._greenlet = self._greenlet, None
         if g is None:
             return
         while self._busy and not g.dead:
             gevent.sleep(0.01)
         g.kill(block=True, timeout=5)
+        if self.failure is None and self.env and CRASH_ENV in self.env:
+            self.env = {k: v for k, v in self.env.items() if k != CRASH_ENV}
+            self.restart_once()
 
     def _run(self) -> None:
         while self.failure is None:
