@@ -76,17 +76,24 @@ def copy_range(store: Store, fd: int, offset: int, length: int) -> Tuple[int, Op
     same offset. (bytes that were not zeros, None) or (0, why not); never raises."""
     written = 0
     buf = bytearray(min(length, _CHUNK))
-    zero = bytes(len(buf))
+    zero = bytes(BLOCK)
     try:
         done = 0
         while done < length:
             n = min(len(buf), length - done)
-            view = memoryview(buf)[:n]
-            store.readv([view], offset + done)
-            if buf[:n] != zero[:n]:
-                os.pwrite(fd, view, offset + done)
-                written += n
-            view.release()
+            with memoryview(buf) as whole, whole[:n] as view:
+                store.readv([view], offset + done)
+                # the runs of blocks that are not all zeros (a hole reads as zeros)
+                start = -1
+                for at in [*range(0, n, BLOCK), n]:
+                    data = at < n and view[at:at + BLOCK] != zero[:min(BLOCK, n - at)]
+                    if data and start < 0:
+                        start = at
+                    elif not data and start >= 0:
+                        end = min(at, n)
+                        os.pwrite(fd, view[start:end], offset + done + start)
+                        written += end - start
+                        start = -1
             done += n
     except OSError as e:
         return 0, e.strerror or str(e)
