@@ -68,6 +68,7 @@ class DiskExport:
         self.unix = unix
         self.snapshot = snap
         self.frozen = frozen  # (bits, granularity) at the point in time, or None
+        self.read_bytes = 0  # what this export's clients read
         self._inode = os.lstat(unix).st_ino if unix else None
         contexts: Dict[str, nbdserver.StatusFn] = {w.CONTEXT_BASE_ALLOCATION: self._allocation}
         if frozen is not None:
@@ -89,6 +90,7 @@ class DiskExport:
                 for n, d in cbtmod.dirty_runs(bits, gran, self.snapshot.size, offset, length)]
 
     def _counted(self, n: int) -> None:
+        self.read_bytes += n
         self.dev.stats.export_read_bytes += n
 
     def _handle(self, conn: Any, _addr: Any) -> None:
@@ -106,13 +108,13 @@ class DiskExport:
             conn.close()
 
     def describe(self) -> Dict[str, Any]:
-        st = self.dev.stats
+        snap = self.snapshot
         out: Dict[str, Any] = {
-            "exported": True, "size_bytes": self.snapshot.size,
+            "exported": True, "size_bytes": snap.size,
             "contexts": list(self.spec.contexts),
-            "read_bytes": st.export_read_bytes, "cbw_bytes": st.export_cbw_bytes,
-            "side_file_bytes": st.export_side_bytes,
-            "failed": self.snapshot.failed or None,
+            "read_bytes": self.read_bytes, "cbw_bytes": snap.copied_bytes,
+            "side_file_bytes": snap.stored_bytes if snap.fd >= 0 else 0,
+            "failed": snap.failed or None,
         }
         if self.unix:
             out["socket"] = self.unix

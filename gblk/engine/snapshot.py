@@ -147,6 +147,9 @@ class PointInTime:
         #: block -> the waiters (a list: [blocks still to copy, fn]) of batches on it
         self._waiting: Dict[int, List[List[Any]]] = {}
         self._jobs = 0
+        #: this view's bytes copied before writes, and those stored (not zeros)
+        self.copied_bytes = 0
+        self.stored_bytes = 0
 
     def _blocks(self, offset: int, length: int) -> Tuple[int, int]:
         """The first and last block of a range (b0 > b1: none, past the end)."""
@@ -219,6 +222,8 @@ class PointInTime:
         if err is not None:
             self._give_up(f"copying {nbytes} bytes at {b0 << self.shift} before a write: {err}")
         else:
+            self.copied_bytes += nbytes
+            self.stored_bytes += written
             self.stats.export_cbw_bytes += nbytes
             self.stats.export_side_bytes += written
         st = self.state
