@@ -265,9 +265,19 @@ def start(dev: "Device", socket_dir: str, path: Optional[str] = None,
                         if not drained else f"{_name(dev)} disconnected meanwhile")
     # the point in time: every write issued before is done, every later one held
     frozen = (bytes(tracker.bits), tracker.granularity) if tracker is not None else None
-    exp = DiskExport(dev, where, listener, unix, snap, frozen)
     snap.open()
-    exp.server.start()
+    try:
+        exp = DiskExport(dev, where, listener, unix, snap, frozen)
+        exp.server.start()
+    except BaseException as e:
+        dp.cbw = None
+        if tracker is not None:
+            tracker.since = None
+        snap.close()
+        _close_listener(listener, unix)
+        if isinstance(e, OSError):
+            raise GblkError(f"export on {where}: {e.strerror or e}") from None
+        raise
     dev.export = exp
     dev.stats.export_open = True
     dev.log.info("exported read-only over NBD on %s (point in time now; %s)", where,

@@ -236,6 +236,11 @@ class PointInTime:
         if self.closed and not self._jobs:
             self._close_fd()
 
+    def _read_done(self, _res: Any) -> None:
+        self._jobs -= 1
+        if self.closed and not self._jobs:
+            self._close_fd()
+
     def _give_up(self, why: str) -> None:
         if self.failed:
             return
@@ -269,13 +274,7 @@ class PointInTime:
         """From a greenlet: the export's bytes at offset (within the size)."""
         if self.failed or self.closed:
             raise OSError(errno.EIO, self.failed or "the export is closed")
-        self._jobs += 1  # the side file stays open until every read is done
-        try:
-            buf = self._read(offset, length)
-        finally:
-            self._jobs -= 1
-            if self.closed and not self._jobs:
-                self._close_fd()
+        buf = self._read(offset, length)
         if self.failed or self.closed:
             raise OSError(errno.EIO, self.failed or "the export is closed")
         return bytes(buf)
@@ -292,8 +291,12 @@ class PointInTime:
         return buf
 
     def _job(self, offset: int, length: int, parts: List[Tuple[int, int, bool]]) -> bytearray:
-        got = self.pool.spawn(_catching, read_parts, self.store, self.fd, offset, length,
-                              parts).get()
+        # counted until the thread is done (not the greenlet waiting for it, which may
+        # be killed): the side file stays open while a read of it may run
+        self._jobs += 1
+        res = self.pool.spawn(_catching, read_parts, self.store, self.fd, offset, length, parts)
+        res.rawlink(self._read_done)
+        got = res.get()
         if isinstance(got, OSError):
             raise got
         return got

@@ -341,3 +341,66 @@ def test_the_side_file_has_no_name_and_a_daemon_stop_ends_the_export():
             rows = ask(host.control_socket, "list", disk)
             assert all(r["export"] is None for r in rows)
             b2.stop()
+
+
+def test_writes_in_flight_when_the_export_starts_are_wholly_in_it_or_wholly_not():
+    """Guests write fresh slots (each once, across block boundaries) while ``export``
+    is asked: a write acknowledged before the request went is in the export, one
+    submitted after the answer came is not, and one in flight meanwhile is there
+    whole or not at all (never torn); every request is answered once, all succeed."""
+    with SimHost() as host:
+        b = start_daemon(host, "inflight", _toml(host))
+        with logs_on_failure(b):
+            g = host.create_guest(size=SIZE)
+            fe = g.frontend
+            disk = first_disk(fe)
+            slot = 136  # sectors: 68 KiB, so slots straddle the 64 KiB blocks
+            slots = SIZE // 512 // slot
+            times: dict = {}  # slot -> (submitted, acknowledged)
+            clock = [0]
+            state = {"stop": False, "next": 0}
+
+            def worker() -> None:
+                while not state["stop"] and state["next"] < slots:
+                    i = state["next"]
+                    state["next"] += 1
+                    clock[0] += 1
+                    t0 = clock[0]
+                    r = fe.submit_write(i * slot, pattern(i + 1, slot * 512)).get(timeout=60)
+                    assert r.ok
+                    clock[0] += 1
+                    times[i] = (t0, clock[0])
+
+            workers = [gevent.spawn(worker) for _ in range(8)]
+            while state["next"] < slots // 4:
+                gevent.sleep(0.001)
+            clock[0] += 1
+            asked = clock[0]
+            got = ask(host.control_socket, "export", disk)
+            clock[0] += 1
+            answered = clock[0]
+            while state["next"] < slots // 2:
+                gevent.sleep(0.001)
+            state["stop"] = True
+            gevent.joinall(workers, timeout=60)
+            assert all(w.successful() for w in workers)
+            out = os.path.join(host.dir, "inflight.raw")
+            _convert(got["socket"], out)
+            image = _image(out)
+            before = after = either = 0
+            for i, (t0, t1) in times.items():
+                data = image[i * slot * 512:(i + 1) * slot * 512]
+                new = pattern(i + 1, slot * 512)
+                if t1 < asked:
+                    assert data == new, i
+                    before += 1
+                elif t0 > answered:
+                    assert data == bytes(len(data)), i
+                    after += 1
+                else:
+                    assert data in (new, bytes(len(data))), i
+                    either += 1
+            assert before and after
+            ask(host.control_socket, "unexport", disk)
+            assert fe.stats.mismatches == 0 and fe.stats.protocol_violations == 0
+            b.stop()
