@@ -141,6 +141,10 @@ def test_an_export_read_while_the_guest_writes_is_the_point_in_time_image():
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         rows = ask(host.control_socket, "list", disk)
         assert [r["export"] for r in rows if r["disk"] == disk] == [sock]
+        listed = subprocess.run([sys.executable, "-m", "gblk", "list", "--control-socket",
+                                 host.control_socket], capture_output=True, text=True,
+                                check=True, timeout=60).stdout
+        assert f"{disk} exported read-only over NBD on {sock}" in listed
         # every block rewritten after the point in time (a 1 MiB write at a time),
         # then writes go on while the export is read
         for sector in range(0, SIZE // 512, 2048):
