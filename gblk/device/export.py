@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 DRAIN = 30.0
 #: NBD connections served at once per export
 MAX_CONNECTIONS = 8
+#: seconds a client has for the handshake (then it may idle: backup tools pause)
+HANDSHAKE_TIMEOUT = 30.0
 #: the dirty bitmap's name in the ``qemu:dirty-bitmap:`` namespace
 BITMAP_NAME = "cbt"
 DIRTY_CONTEXT = w.CONTEXT_DIRTY_BITMAP + BITMAP_NAME
@@ -96,7 +98,8 @@ class DiskExport:
     def _handle(self, conn: Any, _addr: Any) -> None:
         log = self.dev.log
         try:
-            nbdserver.serve(conn, self.spec)
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            nbdserver.serve(conn, self.spec, lambda: conn.settimeout(None))
         except ProtocolError as e:
             log.info("export: a client broke the NBD protocol (%s); its connection is closed",
                      e.strerror or e)

@@ -229,12 +229,16 @@ def _meta(conn: Any, opt: int, data: bytes, export: Export, names: List[str],
 
 
 # -- transmission --------------------------------------------------------------------------
-def serve(conn: Any, export: Export) -> None:
+def serve(conn: Any, export: Export,
+          on_transmission: Optional[Callable[[], None]] = None) -> None:
     """The whole connection: handshake, then requests until NBD_CMD_DISC or the
-    client goes. Raises ProtocolError for a client breaking the protocol."""
+    client goes (``on_transmission`` is called in between: the caller's handshake
+    timeout can go). Raises ProtocolError for a client breaking the protocol."""
     session = handshake(conn, export)
     if session is None:
         return
+    if on_transmission is not None:
+        on_transmission()
     while True:
         try:
             head = _recv(conn, w.REQ.size)
