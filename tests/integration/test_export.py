@@ -26,6 +26,7 @@ from typing import Any, Iterator, List, Tuple
 import gevent
 import pytest
 
+from gblk.errors import GblkError
 from gblk.sim.frontend import Frontend
 from gblk.sim.host import SimHost
 from gblk.storage import nbdwire as w
@@ -303,6 +304,11 @@ def test_bad_requests_get_one_clear_error_and_the_daemon_serves_on():
             rc, _, err = ctl(cs, *args, check=False)
             assert rc == 1 and words in err, (args, err)
             assert len(err.strip().splitlines()) == 1, err
+        for more, words in [({"socket": 5}, "must be a string"),
+                            ({"socket": "/tmp/a.sock", "address": "127.0.0.1:0"}, "not both"),
+                            ({"socket": "relative.sock"}, "absolute path")]:
+            with pytest.raises(GblkError, match=words):
+                ask(cs, "export", disk, **more)
         _, got, _ = ctl(cs, "export", disk)
         sock = got["socket"]
         rc, _, err = ctl(cs, "export", disk, "--socket", os.path.join(host.dir, "y.sock"),
