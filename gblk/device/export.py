@@ -334,8 +334,3 @@ def close(dev: "Device") -> None:
             pass
     dev.stats.export_open = False
     dev.log.info("export on %s ended", exp.where)
-
-
-def describe(dev: "Device") -> Optional[str]:
-    """Where the disk is exported (``gblk list``), None if it is not."""
-    return dev.export.where if dev.export is not None else None
