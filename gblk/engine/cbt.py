@@ -166,7 +166,7 @@ _ZEROS = re.compile(rb"\x00+")
 _ONES = re.compile(rb"\xff+")
 
 
-def popcount(bits: bytes) -> int:
+def popcount(bits: "bytes | bytearray") -> int:
     """Bits set (the zero bytes skipped at C speed: a mostly clean map costs little)."""
     return sum(bin(x).count("1") for m in _NONZERO.finditer(bits) for x in m.group())
 
