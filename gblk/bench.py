@@ -103,6 +103,7 @@ ROW_KEYS = (
     "raw_lat_p99_us", "backend_cpu_us_per_request", "frontend_cpu_us_per_request",
     "lat_p50_us", "lat_p99_us", "requests", "ring_requests_per_io", "seconds", "errors",
     "violations", "verified", "verify_failures", "guest_limited", "py_iops", "cbt",
+    "export_cbw_mib",
 )
 #: a guest busier than this share of one CPU is counted as the limit
 GUEST_LIMIT_CORE = 0.9
@@ -148,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cbt", type=int, default=None, metavar="BYTES",
                    help="changed-block tracking on, at this granularity (e.g. 65536), its map "
                         "reset before each job: what tracking costs (cbt column)")
+    p.add_argument("--export", action="store_true",
+                   help="a live NBD export open on the disk during each job (a new one per "
+                        "job: each block's first write copies it first): what copy-before-write "
+                        "costs (export_cbw_mib column: MiB copied in the job)")
     p.add_argument("--json", action="store_true", help="last stdout line: the rows as JSON")
     p.add_argument("--disks", default=None, metavar="N[,N...]",
                    help="the scale mode instead of the IO jobs: N idle disks (guests of four) "
@@ -421,24 +426,31 @@ class Qcow2Image(ResidentImage):
 
 
 def _write_config(dir: str, path: str, direct: bool, cbt: Optional[int] = None,
-                  cbt_dir: str = "") -> str:
+                  cbt_dir: str = "", export: bool = False) -> str:
     mode, _ = GRANT_PATHS[path]
     cfg = os.path.join(dir, f"bench-{path}.toml")
     with open(cfg, "w") as f:
         f.write("[backend]\n"
                 f'grant_mode = "{mode}"\n'
                 f'direct_io = "{"always" if direct else "never"}"\n')
-        if cbt:
-            # beside the image, on its file system: a bitmap on tmpfs would sync for free
-            f.write(f'[cbt]\ndirectory = "{cbt_dir}"\ngranularity = {cbt}\n')
+        if cbt or export:
+            # beside the image, on its file system: a bitmap on tmpfs would sync for free,
+            # an export's side file would be written to memory
+            f.write(f'[cbt]\ndirectory = "{cbt_dir}"\nexport_directory = "{cbt_dir}-export"\n')
+            if cbt:
+                f.write(f"granularity = {cbt}\n")
     return cfg
 
 
 def _cbt(host: Any, guest: Any, action: str) -> None:
+    _ctl(host, guest, "cbt", action=action)
+
+
+def _ctl(host: Any, guest: Any, command: str, **more: Any) -> Any:
     from .control.client import request
 
-    request(host.control_socket, {"command": "cbt", "action": action,
-                                  "disk": f"d{guest.domid}/{guest.disk.devid}"})
+    return request(host.control_socket, {"command": command, **more,
+                                         "disk": f"d{guest.domid}/{guest.disk.devid}"})
 
 
 def _check_alive(host: Any) -> None:
@@ -467,7 +479,8 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
 
     mode, persistent = GRANT_PATHS[path]
     cfg = _write_config(host.dir, path, args.direct, args.cbt,
-                        os.path.join(os.path.dirname(image.path), f"cbt-{os.getpid()}"))
+                        os.path.join(os.path.dirname(image.path), f"cbt-{os.getpid()}"),
+                        export=args.export)
     host.start_backend(["--config", cfg, "--no-metrics", "--log-level", "info"])
     rows: List[Dict[str, Any]] = []
     guest = None
@@ -500,9 +513,13 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
             ops = op_mix(len(sectors), job.read_fraction, seed)
             if args.cbt:  # each job starts with a clean map: every first write sets a bit
                 _cbt(host, guest, "reset")
+            if args.export:  # a new point in time: every block's first write copies
+                _ctl(host, guest, "export",
+                     socket=os.path.join(host.dir, f"bench-export-{os.getpid()}.sock"))
             gevent.sleep(0)  # let the hub run what is due before the clock starts
             w = bg.run(job.bs, job.qd, ops, sectors, warmup=warmup, seconds=args.seconds,
                        backend_pid=pid)
+            cbw_mib = (_ctl(host, guest, "unexport")["cbw_bytes"] / MiB) if args.export else None
             qd_eff = bg.effective_qd(job.bs, job.qd)
             # verification, untimed
             nsec = job.bs // SECTOR_SIZE
@@ -555,11 +572,13 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
                 "guest_limited": limited,
                 "py_iops": _round(py.get(job.name)),
                 "cbt": args.cbt,
+                "export_cbw_mib": None if cbw_mib is None else round(cbw_mib, 1),
             }
             rows.append(row)
             _say(f"  {_label(path, fmt):<16} {job.name:<18} {iops:9.0f} IOPS  daemon {_fmt(be, 7)} us/req  "
                  f"guest {_fmt(fe_us, 7)} us/req  errors {row['errors']}  "
-                 f"verified {checked - failures}/{checked}")
+                 f"verified {checked - failures}/{checked}"
+                 + (f"  copied before write {cbw_mib:.1f} MiB" if cbw_mib is not None else ""))
     finally:
         if guest is not None:
             try:

@@ -299,6 +299,9 @@ _SPECS: Tuple[_Spec, ...] = (
           "bytes one bit of a new dirty bitmap covers (a power of two, 4 KiB to 16 MiB)"),
     _Spec("cbt", "max_bits", MAX_CBT_BITS, _int_range(1, MAX_CBT_BITS),
           "most bits a dirty bitmap may have; a larger disk needs a coarser granularity"),
+    _Spec("cbt", "export_directory", "/var/lib/gblk/export", _state_dir,
+          "where gblk ctl export keeps the side file of its point-in-time view (nameless "
+          "temporary files, at most the disk's size each; not a tmpfs)"),
 )
 
 SECTIONS = ("daemon", "metrics", "control", "backend", "cbt")
@@ -367,6 +370,7 @@ class CbtConfig:
     directory: str = "/var/lib/gblk/cbt"
     granularity: int = 65536
     max_bits: int = MAX_CBT_BITS
+    export_directory: str = "/var/lib/gblk/export"
 
 
 @dataclass(frozen=True)

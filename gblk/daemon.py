@@ -268,7 +268,8 @@ class Daemon:
 
         server = ControlServer(self.config.control.socket, self.disk_facts, self.status,
                                handover=self.handover,
-                               commands=commands(self._devices, self.throttles))
+                               commands=commands(self._devices, self.throttles,
+                                                 os.path.dirname(self.config.control.socket)))
         try:
             server.start()
         except GblkError as e:
@@ -289,7 +290,8 @@ class Daemon:
             dp = dev.dataplane
             out.append(DiskFacts(stats=dev.stats, image=getattr(dev.store, "path", None),
                                  page_path=dp.path if dp is not None else None,
-                                 backend_path=dev.path))
+                                 backend_path=dev.path,
+                                 export=dev.export.where if dev.export is not None else None))
         return out
 
     def status(self) -> dict:

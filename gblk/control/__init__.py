@@ -10,9 +10,11 @@ JSON object per line, one request per connection::
     {"command": "limit", "disk": "d5/51712"} -> {"ok": true, "result": {"limits": ...}}
     {"command": "limit", "disk": "d5/51712", "set": {"iops_total": 500, ...}}
     {"command": "cbt", "disk": "d5/51712", "action": "enable|disable|reset|show"}
+    {"command": "export", "disk": "d5/51712"[, "socket": PATH | "address": "HOST:PORT"]}
+    {"command": "unexport", "disk": "d5/51712"}
     anything wrong                           -> {"ok": false, "error": "one line"}
 
-``version`` and ``status`` exist too. ``limit`` and ``cbt`` change things (``gblk
+``version`` and ``status`` exist too. ``limit``, ``cbt``, ``export`` and ``unexport`` change things (``gblk
 ctl``): a request they refuse (unknown disk, bad limits) changes nothing. ``server`` runs
 in the daemon (gevent); ``client`` is plain sockets (no gevent, no Xen) for the
 cli. The views are built from the same plain stats objects ``gblk.metrics``

@@ -88,6 +88,8 @@ def format_list(rows: List[Dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1]
              for row in table]
+    lines += [f"{r['disk']} exported read-only over NBD on {r['export']}"
+              for r in rows if r.get("export")]
     return "\n".join(line.rstrip() for line in lines) + "\n"
 
 

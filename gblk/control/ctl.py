@@ -4,7 +4,9 @@
 flags are the keys of ``gblk.qos``: every bucket, its ``-max`` and ``-max-length``;
 the flags given replace the disk's limits as a whole, ``--none`` removes them, no
 flag shows them); ``gblk ctl cbt enable|disable|reset|show DISK`` drives its
-changed-block tracking. The answers are JSON. Plain sockets (``gblk.control.client``):
+changed-block tracking; ``gblk ctl export DISK [--socket PATH | --address HOST:PORT]``
+serves it read-only over NBD as it is now (a point in time, its dirty bitmap as
+``qemu:dirty-bitmap:cbt``) and ``gblk ctl unexport DISK`` ends that. The answers are JSON. Plain sockets (``gblk.control.client``):
 no gevent, no Xen.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Dict
 
@@ -24,7 +27,7 @@ CBT_ACTIONS = ("enable", "disable", "reset", "show")
 
 def add_parser(sub: Any, parents: list, run: Callable[[argparse.Namespace], int]) -> None:
     ctl = sub.add_parser(
-        "ctl", help="change the running daemon's disks (IO limits, CBT)",
+        "ctl", help="change the running daemon's disks (IO limits, CBT, NBD export)",
         description="Set a disk's IO limits or drive its changed-block tracking, at once, "
         "through the control socket. DISK as gblk list shows it (d5/51712).")
     what = ctl.add_subparsers(dest="ctl_command", metavar="WHAT")
@@ -51,6 +54,24 @@ def add_parser(sub: Any, parents: list, run: Callable[[argparse.Namespace], int]
     cbt.add_argument("action", choices=CBT_ACTIONS)
     cbt.add_argument("disk", metavar="DISK")
     cbt.set_defaults(func=run)
+    exp = what.add_parser(
+        "export", parents=parents, help="serve a disk read-only over NBD, as it is now",
+        description="Serve the disk read-only over NBD (qemu-img, nbdcopy, nbdinfo) as it is "
+        "now while the guest goes on writing (copy-before-write into a side file in "
+        "cbt.export_directory). With changed-block tracking on, the dirty bitmap is the "
+        "meta context qemu:dirty-bitmap:cbt; cbt reset then clears only what the export "
+        "shows. Default socket: export-d<domid>-<devid>.sock beside the control socket.")
+    exp.add_argument("disk", metavar="DISK")
+    where = exp.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", help="the Unix socket to listen on (0600)")
+    where.add_argument("--address", metavar="HOST:PORT",
+                       help="a loopback TCP address instead (127.0.0.1:10809; port 0: any)")
+    exp.set_defaults(func=run)
+    unexp = what.add_parser("unexport", parents=parents, help="end a disk's NBD export",
+                            description="Close the export's socket and connections and drop "
+                            "its side file; the guest's writes go straight to the image again.")
+    unexp.add_argument("disk", metavar="DISK")
+    unexp.set_defaults(func=run)
 
 
 def payload(args: argparse.Namespace) -> Dict[str, Any]:
@@ -64,6 +85,15 @@ def payload(args: argparse.Namespace) -> Dict[str, Any]:
         if given or args.none:
             req["set"] = given
         return req
+    if args.ctl_command == "export":
+        req = {"command": "export", "disk": args.disk}
+        if args.socket:
+            req["socket"] = os.path.abspath(args.socket)
+        if args.address:
+            req["address"] = args.address
+        return req
+    if args.ctl_command == "unexport":
+        return {"command": "unexport", "disk": args.disk}
     return {"command": "cbt", "disk": args.disk, "action": args.action}
 
 

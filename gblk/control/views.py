@@ -27,6 +27,8 @@ class DiskFacts:
     #: how guest pages are reached: persistent, map or copy (None before Connected)
     page_path: Optional[str] = None
     backend_path: str = ""
+    #: where the disk is exported over NBD (gblk ctl export; None: it is not)
+    export: Optional[str] = None
 
 
 _STATE_NAMES = {
@@ -72,6 +74,7 @@ def disk_row(f: DiskFacts) -> Dict[str, Any]:
         "page_path": f.page_path,
         "in_flight": sum(r.in_flight for r in live),
         "pending": sum(r.ring_fill for r in live),
+        "export": f.export,
     }
 
 

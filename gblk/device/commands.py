@@ -1,6 +1,7 @@
-"""The control socket's commands that change a disk: ``limit`` and ``cbt``.
+"""The control socket's commands that change a disk: ``limit``, ``cbt``, ``export``
+and ``unexport``.
 
-``commands(devices, throttles)`` gives the handlers the daemon hands to
+``commands(devices, throttles, export_dir)`` gives the handlers the daemon hands to
 ``gblk.control.server.ControlServer``: each finds the disk, checks the whole request
 first and changes something only when all of it is good, so a refused request (an
 unknown disk, absurd limits, an unknown action) is one line and changes nothing.
@@ -14,6 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import GblkError
 from ..qos import parse_limits
+from . import export as exporting
 from . import tracking
 from .device import Device
 
@@ -24,7 +26,10 @@ _CBT = {"enable": tracking.enable, "disable": tracking.disable, "reset": trackin
         "show": tracking.show}
 
 
-def commands(devices: Callable[[], Dict[Any, Device]], throttles: Any) -> Dict[str, Any]:
+def commands(devices: Callable[[], Dict[Any, Device]], throttles: Any,
+             export_dir: str = "/run/gblk") -> Dict[str, Any]:
+    """``export_dir``: where export sockets go by default (the control socket's)."""
+
     def find(req: Dict[str, Any], disk: Disk) -> Device:
         domid, kind, devid = disk
         for d in list(devices().values()):
@@ -54,4 +59,15 @@ def commands(devices: Callable[[], Dict[Any, Device]], throttles: Any) -> Dict[s
             raise ValueError(f"cbt: unknown action {action!r}; known: " + ", ".join(_CBT))
         return fn(find(req, disk))
 
-    return {"limit": limit, "cbt": cbt}
+    def export(req: Dict[str, Any], disk: Disk) -> Any:
+        path, address = req.get("socket"), req.get("address")
+        for key, value in (("socket", path), ("address", address)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"export: \"{key}\" must be a string")
+        dev = find(req, disk)
+        return exporting.start(dev, export_dir, path=path, address=address)
+
+    def unexport(req: Dict[str, Any], disk: Disk) -> Any:
+        return exporting.stop(find(req, disk))
+
+    return {"limit": limit, "cbt": cbt, "export": export, "unexport": unexport}

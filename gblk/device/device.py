@@ -36,7 +36,7 @@ from ..errors import GblkError, NegotiationError, XenStoreError
 from ..logs import DeviceLogger, GuestLogRate, device_logger
 from ..storage import Store, open_store
 from ..xen.interfaces import GrantTable, XenHost, XenStore, XenStoreOps
-from . import tracking
+from . import export, tracking
 from .resize import ResizeWatcher
 from .state import Action, decide
 
@@ -132,6 +132,8 @@ class Device:
         #: IO limits (gblk.engine.throttle.DiskThrottle) and dirty bitmap (gblk.engine.cbt)
         self.throttle: Any = None
         self.cbt: Any = None
+        #: the live NBD export (gblk.device.export.DiskExport; None: not exported)
+        self.export: Any = None
         #: held while the control loop or a resize check changes the device
         self._busy = gevent.lock.Semaphore()
         self._resize_token: Optional[int] = None
@@ -156,6 +158,7 @@ class Device:
 
     def _release(self, timeout: float) -> None:
         self._stop_rings(timeout)
+        export.close(self)
         tracking.close(self)
         if self.ctx.throttles is not None:
             self.ctx.throttles.detach(self.key)
@@ -412,6 +415,7 @@ class Device:
                             if ctx.journal_dir else None),
             adopt=self._adopting,
             throttle=self.throttle, cbt=self.cbt, events=ctx.events,
+            cbw=self.export.snapshot if self.export is not None else None,
         )
         self.stats.persistent_grants_limit = (
             cfg.max_persistent_grants * len(params.queues) if dp.pages.persistent else 0)

@@ -26,6 +26,7 @@ from .handles import EventChannels
 from .iopool import IOPool
 from .pages import PageSource
 from .ring import RingWorker
+from .snapshot import PointInTime
 from .stats import DeviceStats, RingStats
 from .throttle import DiskThrottle
 
@@ -58,6 +59,7 @@ class Dataplane:
         adopt: bool = False,
         throttle: Optional[DiskThrottle] = None,
         cbt: Optional[Tracker] = None,
+        cbw: Optional[PointInTime] = None,
         events: Optional[EventChannels] = None,
     ) -> None:
         self.host = host
@@ -86,6 +88,9 @@ class Dataplane:
         #: each request, so a change applies at once
         self.throttle = throttle
         self.cbt = cbt
+        #: the point-in-time view of an export open on the disk (None: none), asked
+        #: before each write is issued (copy-before-write)
+        self.cbw = cbw
 
     @property
     def path(self) -> str:

@@ -141,6 +141,9 @@ class RingWorker:
         #: generation the batch being built must see durable before it is issued
         self._tok: List[int] = []
         self._cbt_need = 0
+        #: the ranges of the batch being built that an export must copy first
+        #: (gblk.engine.snapshot)
+        self._cbw_ranges: List[Tuple[int, int]] = []
         self._timer: Any = None  # wakes a ring whose next request waits for its IO limits
         self.jobs_submitted = 0  # requests handed to jobs so far (for cbt enable)
         self.jobs_completed = 0
@@ -403,8 +406,8 @@ class RingWorker:
             self._finish(slot, status_for(e.reason), e.reason, str(e))
             return True
         if op == Op.DISCARD:
-            if dp.cbt is not None:
-                self._cbt_mark(slot, req.sector_number, req.nr_sectors)
+            if dp.cbt is not None or dp.cbw is not None:
+                self._mark_write(slot, req.sector_number, req.nr_sectors)
             batch.append((slot, jobs.run_discard,
                           (dp.job, req.sector_number, req.nr_sectors, bool(req.flag & 1)), None))
         elif op == Op.INDIRECT:
@@ -418,9 +421,9 @@ class RingWorker:
                 except InvalidRequest as e:
                     self._finish(slot, status_for(e.reason), e.reason, str(e))
                     return True
-                if dp.cbt is not None:
-                    self._cbt_mark(slot, req.sector_number,
-                                   sum(g.last_sect - g.first_sect + 1 for g in segs))
+                if dp.cbt is not None or dp.cbw is not None:
+                    self._mark_write(slot, req.sector_number,
+                                     sum(g.last_sect - g.first_sect + 1 for g in segs))
             barrier = op == Op.WRITE_BARRIER
             if barrier:
                 self._barrier = True
@@ -457,8 +460,10 @@ class RingWorker:
         cached and the store does it without blocking; else one job item, which gets
         the pages already sliced and pinned when every page is cached."""
         dp = self.dp
-        # a write whose bits are not durable yet goes in the batch, which waits for them
-        held = op == _WRITE and dp.cbt is not None and self._cbt_mark(slot, sector, sectors)
+        # a write whose bits are not durable yet, or whose blocks an export has not
+        # copied yet, goes in the batch, which waits for them
+        held = (op == _WRITE and (dp.cbt is not None or dp.cbw is not None)
+                and self._mark_write(slot, sector, sectors))
         pg = self._pgrants
         if pg is not None:
             store = dp.store
@@ -497,7 +502,7 @@ class RingWorker:
         dp = self.dp
         refs = grefs[:indirect_pages(nr_segments)]
         # a job reads the descriptors: its bits are marked for the most it can write
-        job_bits = op == _WRITE and dp.cbt is not None
+        job_bits = op == _WRITE and (dp.cbt is not None or dp.cbw is not None)
         pg = self._pgrants
         if pg is not None:
             have = pg.acquire(refs)
@@ -517,12 +522,12 @@ class RingWorker:
                 self._data(slot, op, segs, sector, sectors, batch)
                 return
             if job_bits:
-                self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
+                self._mark_write(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
             batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, have),
                           list(have)))
             return
         if job_bits:
-            self._cbt_mark(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
+            self._mark_write(slot, sector, nr_segments * (4096 >> SECTOR_SHIFT))
         batch.append((slot, jobs.run_indirect, (dp.job, op, refs, nr_segments, sector, {}), None))
 
     def _cached(self, segs: Sequence[Segment]) -> Tuple[Dict[int, memoryview], Optional[List[int]]]:
@@ -543,7 +548,18 @@ class RingWorker:
         self.jobs_submitted += n
         need, self._cbt_need = self._cbt_need, 0
         cbt = self.dp.cbt
-        if need and cbt is not None:  # a write's bits are durable before it is issued
+        ranges = self._cbw_ranges
+        if ranges:  # an export's blocks are copied before the writes to them are issued
+            self._cbw_ranges = []
+            cbw = self.dp.cbw
+            go: Callable[[], None] = lambda: self._spawn(batch)  # noqa: E731
+            if cbw is not None:
+                go = lambda: cbw.after(ranges, lambda: self._spawn(batch))  # noqa: E731
+            if need and cbt is not None:
+                cbt.after(need, go)
+            else:
+                go()
+        elif need and cbt is not None:  # a write's bits are durable before it is issued
             cbt.after(need, lambda: self._spawn(batch))
         else:
             self._spawn(batch)
@@ -701,6 +717,17 @@ class RingWorker:
             return False
         self.stats.throttle_wait["write" if cost[0] else "read"].observe(now - self._t0[slot])
         return True
+
+    def _mark_write(self, slot: int, sector: int, nsectors: int) -> bool:
+        """A write's bits (CBT) and blocks (an export's copy-before-write); True when
+        its batch must wait for either."""
+        dp = self.dp
+        held = dp.cbt is not None and self._cbt_mark(slot, sector, nsectors)
+        cbw = dp.cbw
+        if cbw is not None and cbw.need(sector << SECTOR_SHIFT, nsectors << SECTOR_SHIFT):
+            self._cbw_ranges.append((sector << SECTOR_SHIFT, nsectors << SECTOR_SHIFT))
+            held = True
+        return held
 
     def _cbt_mark(self, slot: int, sector: int, nsectors: int) -> bool:
         """Mark a write's bits; True when the batch must wait for the bitmap to be synced."""

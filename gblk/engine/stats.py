@@ -160,6 +160,12 @@ class DeviceStats:
     cbt_dirty_bits: int = 0
     cbt_syncs: int = 0
     cbt_sync_seconds: float = 0.0
+    #: live export (gblk.engine.snapshot): open, bytes the clients read, bytes copied
+    #: before guest writes, bytes of the side file holding them (the zeros not stored)
+    export_open: bool = False
+    export_read_bytes: int = 0
+    export_cbw_bytes: int = 0
+    export_side_bytes: int = 0
 
 
 @dataclass

@@ -213,6 +213,17 @@ class _Families:
             "writes that set new bits were issued).", labels=d)
         self.cbt_sync_seconds = CounterMetricFamily(
             "gblk_cbt_sync_seconds", "Seconds spent writing and syncing the dirty bitmap.", labels=d)
+        self.export_open = GaugeMetricFamily(
+            "gblk_export_open", "1 while the disk is exported over NBD (gblk ctl export).",
+            labels=d)
+        self.export_read = CounterMetricFamily(
+            "gblk_export_read_bytes", "Bytes NBD clients read from the disk's exports.", labels=d)
+        self.export_cbw = CounterMetricFamily(
+            "gblk_export_cbw_bytes", "Bytes of the disk copied into an export's side file "
+            "before guest writes changed them (copy-before-write).", labels=d)
+        self.export_side = GaugeMetricFamily(
+            "gblk_export_side_file_bytes", "Bytes the open export's side file holds (copied "
+            "blocks that were not zeros).", labels=d)
         self.build = InfoMetricFamily(
             "gblk_build", "gblk version, the git revision it was built from and the Python that runs it.",
             labels=["version", "revision", "python"])
@@ -225,7 +236,8 @@ class _Families:
             self.connected, self.size, self.reconnects, self.nbd_connected, self.nbd_reconnects,
             self.nbd_errors, self.nbd_lost, self.notif_rx, self.notif_tx,
             self.throttle_wait, self.io_limit, self.cbt_enabled, self.cbt_dirty, self.cbt_syncs,
-            self.cbt_sync_seconds, self.xs_connections, self.xs_connected, self.watch_events,
+            self.cbt_sync_seconds, self.export_open, self.export_read, self.export_cbw,
+            self.export_side, self.xs_connections, self.xs_connected, self.watch_events,
             self.build,
         ]
 
@@ -347,6 +359,10 @@ class GblkCollector:
                                  if dev.cbt_enabled else 0)
         fam.cbt_syncs.add_metric(lab, dev.cbt_syncs)
         fam.cbt_sync_seconds.add_metric(lab, dev.cbt_sync_seconds)
+        fam.export_open.add_metric(lab, 1 if dev.export_open else 0)
+        fam.export_read.add_metric(lab, dev.export_read_bytes)
+        fam.export_cbw.add_metric(lab, dev.export_cbw_bytes)
+        fam.export_side.add_metric(lab, dev.export_side_bytes)
 
         for ring in live:
             qlab = lab + [str(ring.queue)]

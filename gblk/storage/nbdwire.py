@@ -1,5 +1,7 @@
 """The NBD protocol on the wire (https://github.com/NetworkBlockDevice/nbd, doc/proto.md):
-the fixed newstyle handshake and the transmission phase's simple replies.
+the fixed newstyle handshake and the transmission phase's simple replies (the client,
+below), and every constant of the protocol, which the export server
+(``gblk.storage.nbdserver``) shares: one definition of each.
 
 Blocking calls on a real (never gevent-patched) ``_socket.socket``: this module runs
 in the threadpool like every store. Structured replies are not negotiated, so a
@@ -31,12 +33,26 @@ FLAG_NO_ZEROES = 1 << 1
 
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
+OPT_LIST = 3
+OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
+OPT_STRUCTURED_REPLY = 8
+OPT_LIST_META_CONTEXT = 9
+OPT_SET_META_CONTEXT = 10
 REP_ACK = 1
+REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
+REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
+REP_ERR_UNKNOWN = (1 << 31) + 6
+REP_ERR_TOO_BIG = (1 << 31) + 9
 INFO_EXPORT = 0
+INFO_NAME = 1
+INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
 # transmission flags
@@ -54,11 +70,42 @@ CMD_DISC = 2
 CMD_FLUSH = 3
 CMD_TRIM = 4
 CMD_WRITE_ZEROES = 6
+CMD_BLOCK_STATUS = 7
+CMD_FLAG_FUA = 1 << 0
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
 
-_REQ = struct.Struct(">IHHQQI")
-_REPLY = struct.Struct(">IIQ")
-_OPT = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
+# structured replies (NBD_OPT_STRUCTURED_REPLY)
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+
+# meta contexts: base:allocation's flags, and QEMU's dirty bitmaps (a dirty extent is 1)
+CONTEXT_BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+CONTEXT_DIRTY_BITMAP = "qemu:dirty-bitmap:"
+STATE_DIRTY = 1 << 0
+
+# the protocol's error numbers (Linux's, for the ones it names)
+NBD_EPERM = 1
+NBD_EIO = 5
+NBD_ENOMEM = 12
+NBD_EINVAL = 22
+NBD_ENOSPC = 28
+NBD_EOVERFLOW = 75
+NBD_ENOTSUP = 95
+NBD_ESHUTDOWN = 108
+
+REQ = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
+STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
+OPT = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPT_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
 
 #: the longest option reply read (an export description is short; a server sending
 #: more is hostile)
@@ -225,11 +272,11 @@ def send_all(s: "_socket.socket", parts: Sequence[object]) -> None:
 
 
 def _option(s: "_socket.socket", opt: int, data: bytes) -> None:
-    send_all(s, [_OPT.pack(IHAVEOPT, opt, len(data)), data])
+    send_all(s, [OPT.pack(IHAVEOPT, opt, len(data)), data])
 
 
 def _opt_reply(s: "_socket.socket", opt: int) -> Tuple[int, bytes]:
-    magic, ropt, rtype, length = _OPT_REPLY.unpack(recv_exact(s, _OPT_REPLY.size))
+    magic, ropt, rtype, length = OPT_REPLY.unpack(recv_exact(s, OPT_REPLY.size))
     if magic != OPT_REPLY_MAGIC or ropt != opt:
         raise ProtocolError(f"bad option reply (magic {magic:#x}, option {ropt})")
     if length > MAX_OPT_REPLY:
@@ -292,12 +339,12 @@ def _export_name(s: "_socket.socket", name: bytes, no_zeroes: int) -> Export:
 
 
 def request(cmd: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
-    return _REQ.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    return REQ.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
 
 
 def read_reply_header(s: "_socket.socket") -> Tuple[int, int]:
     """(error, cookie) of the next simple reply."""
-    magic, error, cookie = _REPLY.unpack(recv_exact(s, _REPLY.size))
+    magic, error, cookie = SIMPLE_REPLY.unpack(recv_exact(s, SIMPLE_REPLY.size))
     if magic != SIMPLE_REPLY_MAGIC:
         what = "a structured reply (not negotiated)" if magic == STRUCTURED_REPLY_MAGIC else \
             f"magic {magic:#x}"
@@ -306,8 +353,11 @@ def read_reply_header(s: "_socket.socket") -> Tuple[int, int]:
 
 
 #: NBD error numbers are Linux's for the ones the protocol names
-_ERRORS = {1: errno.EPERM, 5: errno.EIO, 12: errno.ENOMEM, 22: errno.EINVAL,
-           28: errno.ENOSPC, 75: errno.EOVERFLOW, 95: errno.EOPNOTSUPP, 108: errno.ESHUTDOWN}
+_ERRORS = {NBD_EPERM: errno.EPERM, NBD_EIO: errno.EIO, NBD_ENOMEM: errno.ENOMEM,
+           NBD_EINVAL: errno.EINVAL, NBD_ENOSPC: errno.ENOSPC, NBD_EOVERFLOW: errno.EOVERFLOW,
+           NBD_ENOTSUP: errno.EOPNOTSUPP, NBD_ESHUTDOWN: errno.ESHUTDOWN}
+#: and back: what a server answers for an OSError (EIO for the others)
+NBD_ERRNO = {v: k for k, v in _ERRORS.items()}
 
 
 def reply_error(error: int, what: str) -> OSError:
