@@ -102,6 +102,9 @@ def test_files_are_where_debian_puts_them(built: Built) -> None:
         "/usr/share/gblk/monitoring/grafana/gblk.json",
         "/usr/lib/python3/dist-packages/gblk/cli.py",
         "/usr/share/doc/gblk/copyright", "/usr/share/doc/gblk/README.Debian",
+        "/usr/share/doc/gblk/storage-nbd.md.gz",
+        # README's incremental backup runs it (the system suite's backup scenario too)
+        "/usr/share/doc/gblk/examples/gblk-apply-extents",
     ):
         assert path in paths, path
     # the pip install's data files are not shipped a second time, the tests not at all
