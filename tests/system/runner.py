@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - script mode
 #: (service), then the benchmark, which stops gblk and loads the kernel's blkback at its end
 ALL_SCENARIOS = (
     "install", "probe", "fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard",
-    "two_guests", "qcow2", "restart", "readme_qdisk", "service", "bench",
+    "two_guests", "qcow2", "restart", "backup", "readme_qdisk", "service", "bench",
 )
 #: a hard time limit per scenario inside dom0 (seconds). Under TCG on a 2-vCPU host
 #: (2026-12-01) typical runs took 55-80 % of it (probe 12, fio_verify 297, mkfs_fsck 160,
@@ -57,11 +57,14 @@ ALL_SCENARIOS = (
 #: install (2026-12-03: 212 s, of which apt-get install 136 s: every process the
 #: maintainer scripts start, py3compile, deb-systemd-helper, man-db's trigger, is slow under
 #: TCG) and service (a reload, a stop and a start) are new; qcow2 (one guest, fio and mkfs)
-#: and restart (two SIGKILLs, each followed by a start of gblk under TCG) too
+#: and restart (two SIGKILLs, each followed by a start of gblk under TCG) too. 2026-12-04,
+#: one boot of all: install 20, fio_verify 51, two_guests 68, qcow2 98, restart 83, bench 374;
+#: backup (two disks, two 128 MiB backups through the export, a 10 s limited fio) is new
 BUDGETS: Dict[str, int] = {
     "install": 360, "service": 150, "probe": 90, "pipeline": 240, "fio_verify": 420, "mkfs_fsck": 240, "reboot": 300,
     "attach_detach": 360, "read_only": 180, "discard": 300, "two_guests": 420,
     "readme_qdisk": 300, "bench": 720, "qcow2": 360, "restart": 600,
+    "backup": 480,
 }
 #: a hard limit for all scenarios of one boot together (CI's whole run has 90 minutes)
 PAYLOAD_CAP = 2400

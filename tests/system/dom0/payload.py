@@ -662,6 +662,134 @@ def sc_restart(res, gblk):
     res.check("no-gblk-errors", errs == 0, errs)
 
 
+def gblk_ctl(*args, timeout=60):
+    """``gblk ctl ARGS`` (the installed gblk, its default control socket): its JSON answer;
+    Failure with its error otherwise."""
+    p = subprocess.run(["gblk", "ctl"] + list(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=timeout)
+    out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
+    log("$ gblk ctl %s  -> rc=%d\n%s%s" % (" ".join(args), p.returncode, out[-600:], err[-300:]))
+    if p.returncode != 0:
+        raise Failure("gblk ctl %s: exit %d: %s" % (" ".join(args), p.returncode, err.strip()[-300:]))
+    return json.loads(out)
+
+
+def same_file(a, b):
+    """Whether two files hold the same bytes (and the first differing MiB if not)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        n = 0
+        while True:
+            x, y = fa.read(MiB), fb.read(MiB)
+            if x != y:
+                return False, "first difference in MiB %d" % n
+            if not x:
+                return True, "%d MiB" % n
+            n += 1
+
+
+def sc_backup(res, gblk):
+    """issue 13 on real Xen, as README's "A backup with Debian's qemu-img" gives it, while
+    the guest keeps writing xvdb: CBT on, a live export copied with qemu-img convert (the
+    full backup), cbt reset, later a second export whose dirty extents (qemu-img map
+    x-dirty-bitmap) the packaged gblk-apply-extents copies into the full backup. Each
+    backup must equal the disk at its export's point in time byte for byte: for that
+    reference, the guest is paused (xl pause) and its rings drained while the image is
+    copied and the export made. Then an IO limit set with gblk ctl holds the guest's fio."""
+    import shutil
+
+    a = make_image("backup-a", 16)  # the ack channel (wait_ack)
+    b = make_image("backup-b", 128)  # the disk backed up
+    full = os.path.join(LAB, "backup-full.raw")
+    g = Guest("backup", "backup", [disk_spec("xvda", a, "phy"), disk_spec("xvdb", b, "qdisk")],
+              fio=True).create(res)
+    devid = VDEV["xvdb"]
+    disk = "d%d/%d" % (g.domid, devid)
+    g.wait("READY", "writing")
+    gblk_ctl("cbt", "enable", disk)
+    time.sleep(3)  # tracked writes
+
+    def drained():
+        m = gblk.metrics()
+        return (metric_sum(m, "gblk_requests_in_flight", domain=g.domid, device=devid) == 0
+                and metric_sum(m, "gblk_ring_requests_pending", domain=g.domid, device=devid) == 0)
+
+    def point_in_time(tag):
+        """Paused and drained: the reference copy, then the export; the guest goes on."""
+        sh(["xl", "pause", g.name])
+        try:
+            deadline = time.monotonic() + 30
+            while not drained():
+                if time.monotonic() > deadline:
+                    raise Failure("xvdb's rings did not drain within 30 s of xl pause")
+                time.sleep(0.2)
+            ref = os.path.join(LAB, "backup-%s.ref" % tag)
+            shutil.copyfile(b, ref)
+            exp = gblk_ctl("export", disk)
+        finally:
+            sh(["xl", "unpause", g.name])
+        return ref, exp["socket"]
+
+    def cbw_bytes():
+        return metric_sum(gblk.metrics(), "gblk_export_cbw_bytes_total", domain=g.domid, device=devid)
+
+    # the full backup
+    ref1, sock = point_in_time("full")
+    cbw0 = cbw_bytes()
+    t = time.monotonic()
+    sh(["qemu-img", "convert", "-f", "raw", "-O", "raw", "nbd+unix:///?socket=" + sock, full], timeout=600)
+    res.timings["full backup"] = round(time.monotonic() - t, 1)
+    same, why = same_file(full, ref1)
+    res.check("full-backup-is-the-point-in-time", same, why)
+    res.data["full_cbw_bytes"] = cbw_bytes() - cbw0
+    res.check("guest-wrote-during-the-export", cbw_bytes() > cbw0, "%d bytes copied before writes" % (cbw_bytes() - cbw0))
+    gblk_ctl("cbt", "reset", disk)
+    gblk_ctl("unexport", disk)
+    res.check("export-socket-gone", not os.path.exists(sock), sock)
+    time.sleep(5)  # the guest changes some blocks
+
+    # the incremental backup
+    ref2, sock = point_in_time("incr")
+    t = time.monotonic()
+    mapped = sh(["qemu-img", "map", "--output=json", "--image-opts",
+                 "driver=nbd,path=%s,x-dirty-bitmap=qemu:dirty-bitmap:cbt" % sock], timeout=300, quiet=True)
+    extents = json.loads(mapped)
+    dirty = sum(e["length"] for e in extents if not e["data"])
+    res.data["incremental_dirty_bytes"] = dirty
+    res.check("incremental-is-partial", 0 < dirty < os.path.getsize(b), "%d of %d bytes dirty" % (dirty, os.path.getsize(b)))
+    apply = subprocess.run(["python3", "/usr/share/doc/gblk/examples/gblk-apply-extents",
+                            "nbd+unix:///?socket=" + sock, full], input=mapped.encode(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    log("gblk-apply-extents: rc=%d %s" % (apply.returncode, apply.stdout.decode("utf-8", "replace")[-500:]))
+    res.check("apply-extents", apply.returncode == 0, apply.stdout.decode("utf-8", "replace")[-200:])
+    res.timings["incremental backup"] = round(time.monotonic() - t, 1)
+    same, why = same_file(full, ref2)
+    res.check("incremental-backup-is-the-point-in-time", same, why)
+    gblk_ctl("cbt", "reset", disk)
+    gblk_ctl("unexport", disk)
+    for p in (ref1, ref2, full):
+        os.unlink(p)
+
+    # an IO limit, set at runtime
+    ack(a, "stop")
+    g.wait("READY", "limited")
+    limit = 50
+    gblk_ctl("limit", disk, "--iops-total", str(limit))
+    ack(a, "limited")
+    g.wait("DONE")
+    collect(res, g)
+    gblk_ctl("cbt", "disable", disk)
+    g.finish(res)
+
+    def iops(tag):
+        rep = g.console.json(tag) or {}
+        return sum(j.get("read", {}).get("iops", 0) for j in rep.get("jobs", []))
+
+    free, limited = iops("free"), iops("limited")
+    res.data.update({"free_iops": round(free, 1), "limited_iops": round(limited, 1), "iops_limit": limit})
+    res.check("limit-held", limited <= limit * 1.1 and free > 1.5 * limit,
+              "%.1f IOPS under a limit of %d (%.1f without)" % (limited, limit, free))
+
+
 def sc_read_only(res, gblk):
     """5: read-only disks (phy and qdisk): the guest sees them read-only, writes fail."""
     a = make_image("ro-a", 64, fill_mib=4)
@@ -1162,12 +1290,13 @@ SCENARIOS = {
     "two_guests": sc_two_guests,
     "qcow2": sc_qcow2,
     "restart": sc_restart,
+    "backup": sc_backup,
     "readme_qdisk": sc_readme_qdisk,
     "service": sc_service,
     "bench": sc_bench,
 }
 NEEDS_GBLK = {"fio_verify", "mkfs_fsck", "reboot", "attach_detach", "read_only", "discard", "two_guests",
-              "qcow2", "restart", "service"}
+              "qcow2", "restart", "backup", "service"}
 
 
 def cleanup_domains():
