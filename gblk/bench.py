@@ -649,6 +649,10 @@ def _run_scale(counts: Sequence[int], seconds: float, as_json: bool) -> int:
         print(report(r), flush=True)
         rows.append({
             "disks": n, "guests": r.guests, "connect_s": round(r.connect_s, 2),
+            "connect_cpu_s": {"daemon": round(r.connect_cpu[0], 2),
+                              "xenstored": (None if r.connect_cpu[1] is None
+                                            else round(r.connect_cpu[1], 2)),
+                              "guests": round(r.connect_cpu[2], 2)},
             "rss_mib_per_disk": round(r.per_disk("rss") / _MiB, 3),
             "fds_per_disk": round(r.per_disk("fds"), 2),
             "greenlets_per_disk": (None if r.idle.greenlets is None or r.base.greenlets is None

@@ -46,6 +46,9 @@ class ScaleResult:
     disks: int
     guests: int
     connect_s: float
+    #: CPU seconds (utime + stime) spent while connecting: the daemon, the simulated
+    #: xenstored (None: not a process of its own), this process (the guests' side)
+    connect_cpu: Tuple[float, Optional[float], float]
     base: Sample
     idle: Sample
     after: Sample
@@ -127,14 +130,19 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
                                             options=FrontendOptions(initial_zero=True,
                                                                     timeout=timeout)))
         say(f"{disks} disks on {len(guests)} guests attached; connecting all at once")
+        xs_pid = host.xenstored.pid if host.xenstored is not None else None
+        cpu0 = _cpus(daemon.pid, xs_pid)
         t0 = time.monotonic()
         jobs = [gevent.spawn(fe.connect) for fe in fronts]
         gevent.joinall(jobs, raise_error=True)
         connect_s = time.monotonic() - t0
-        if host.xenstored is not None:
-            say(f"  cpu during connect: daemon {sample(daemon.pid).cpu - base.cpu:.1f} s, "
-                f"xenstored {sample(host.xenstored.pid).cpu:.1f} s, "
-                f"this process {sum(os.times()[:2]):.1f} s")
+        cpu1 = _cpus(daemon.pid, xs_pid)
+        connect_cpu = (cpu1[0] - cpu0[0],
+                       None if cpu1[1] is None or cpu0[1] is None else cpu1[1] - cpu0[1],
+                       cpu1[2] - cpu0[2])
+        say(f"  cpu while connecting: daemon {connect_cpu[0]:.2f} s, xenstored "
+            f"{'-' if connect_cpu[1] is None else f'{connect_cpu[1]:.2f} s'}, "
+            f"guests (this process) {connect_cpu[2]:.2f} s")
         connected = sum(1 for fe in fronts if fe.connected)
         say(f"connected {connected} disks in {connect_s:.2f} s")
         # verified IO on a sample while the rest idle
@@ -176,9 +184,16 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
         after = sample(daemon.pid, greenlets, host.dir)
         host.stop_backend()
         return ScaleResult(
-            disks=disks, guests=len(guests), connect_s=connect_s, base=base, idle=idle,
+            disks=disks, guests=len(guests), connect_s=connect_s, connect_cpu=connect_cpu,
+            base=base, idle=idle,
             after=after, idle_cpu=idle_cpu, idle_s=idle_s, connected=connected,
             closed=sum(closed_flags), io_checked=len(checked), mismatches=mismatches)
+
+
+def _cpus(daemon: int, xenstored: Optional[int]) -> Tuple[float, Optional[float], float]:
+    """CPU seconds so far of the daemon, the simulated xenstored and this process."""
+    return (sample(daemon).cpu, None if xenstored is None else sample(xenstored).cpu,
+            sum(os.times()[:2]))
 
 
 def _quiet(pid: int, base: Sample, under: str) -> bool:
@@ -190,7 +205,8 @@ def report(r: ScaleResult) -> str:
     """The bench's lines for one run."""
     g = ("-" if r.idle.greenlets is None or r.base.greenlets is None
          else f"{(r.idle.greenlets - r.base.greenlets) / max(r.disks, 1):.1f}")
-    return (f"{r.disks:5d} disks {r.guests:4d} guests  connect {r.connect_s:6.2f} s  "
+    return (f"{r.disks:5d} disks {r.guests:4d} guests  connect {r.connect_s:6.2f} s "
+            f"(daemon CPU {r.connect_cpu[0]:5.2f} s)  "
             f"per idle disk: {r.per_disk('rss') / MiB:5.2f} MiB RSS, "
             f"{r.per_disk('fds'):5.1f} fds, {r.per_disk('maps'):5.1f} maps, {g} greenlets  "
             f"idle CPU {r.idle_cpu * 100:5.2f}% of a core  "
