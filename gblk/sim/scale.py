@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -21,6 +23,7 @@ import gevent
 
 from .frontend import Frontend, FrontendOptions
 from .host import Guest, SimHost
+from .ramdir import ram_dir
 
 MiB = 1 << 20
 SECTOR = 512
@@ -106,8 +109,25 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
     ``greenlets_of(control_socket)``: the daemon's live greenlets (the caller asks its
     control socket; None when it cannot tell)."""
     _raise_nofile(4 * disks + 256)  # this process holds the guests' side of every disk
+    # the host's files (guest RAM, sockets, the daemon's ring journals) on tmpfs as on a
+    # real host (gblk.sim.ramdir); the images on a regular file system
+    host_dir = ram_dir()
+    image_dir = tempfile.mkdtemp(prefix="gblk-scale-") if host_dir else None
+    try:
+        return _run_scale(host_dir, image_dir, disks, per_guest, size, io_sample,
+                          idle_seconds, timeout, say, extra_args, greenlets_of)
+    finally:
+        for d in (host_dir, image_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_scale(host_dir: Optional[str], image_dir: Optional[str], disks: int, per_guest: int,
+               size: int, io_sample: int, idle_seconds: float, timeout: float,
+               say: Callable[[str], None], extra_args: Tuple[str, ...],
+               greenlets_of: Optional[Callable[[str], Optional[int]]]) -> ScaleResult:
     guests_n = (disks + per_guest - 1) // per_guest
-    with SimHost() as host:
+    with SimHost(dir=host_dir, image_dir=image_dir) as host:
         cfg = os.path.join(host.dir, "scale.toml")
         with open(cfg, "w") as f:
             f.write(DAEMON_TOML)
