@@ -87,9 +87,6 @@ class _Connection:
         self.queued = 0
         self.ready = gevent.event.Event()
         self.watches: Dict[Tuple[str, bytes], xs.Watch] = {}
-        #: the watches by node, rebuilt after a change of ``watches`` (None: stale):
-        #: a change looks up its path and ancestors instead of matching every watch
-        self.index: Optional[Dict[str, List[xs.Watch]]] = None
         self.transactions: Dict[int, xs.Transaction] = {}
         self.next_tx = 1
         self.closed = False
@@ -119,6 +116,9 @@ class XenStoreServer:
         self.connections_total = 0
         self.dropped_total = 0
         self._conns: Dict[int, _Connection] = {}
+        #: every connection's watches by node, then by connection id: a change looks up
+        #: its path and ancestors instead of visiting every connection and watch
+        self._by_node: Dict[str, Dict[int, List[xs.Watch]]] = {}
         self._listeners: Dict[int, _Listener] = {}
         self._introduced: Dict[int, Tuple[int, int]] = {}
         self._targets: Dict[int, int] = {}
@@ -312,8 +312,9 @@ class XenStoreServer:
     def _reset_watches(self, conn: _Connection) -> None:
         """Forget the connection's watches and transactions (RESET_WATCHES)."""
         self._accounting.add_watches(conn.domid, -len(conn.watches))
+        for watch in conn.watches.values():
+            self._unindex(conn, watch)
         conn.watches.clear()
-        conn.index = None
         self._accounting.add_transactions(conn.domid, -len(conn.transactions))
         conn.transactions.clear()
 
@@ -419,7 +420,7 @@ class XenStoreServer:
         ):
             raise XsError(w.E2BIG)
         conn.watches[key] = watch
-        conn.index = None
+        self._by_node.setdefault(watch.node, {}).setdefault(conn.id, []).append(watch)
         self._accounting.add_watches(caller.domid, 1)
         # "We fire once up front: simplifies clients and restart."
         msg = _event_message(watch.event_path(watch.node), watch.token)
@@ -432,9 +433,10 @@ class XenStoreServer:
         if len(args) != 2:
             raise XsError(w.EINVAL)
         node = xs.canonicalize(caller, args[0].decode("latin-1"))
-        if conn.watches.pop((node, args[1]), None) is None:
+        watch = conn.watches.pop((node, args[1]), None)
+        if watch is None:
             raise XsError(w.ENOENT)
-        conn.index = None
+        self._unindex(conn, watch)
         self._accounting.add_watches(caller.domid, -1)
         return _OK
 
@@ -469,22 +471,35 @@ class XenStoreServer:
 
     # -- watches ------------------------------------------------------------
 
+    def _unindex(self, conn: _Connection, watch: xs.Watch) -> None:
+        by_conn = self._by_node.get(watch.node)
+        if by_conn is None:
+            return
+        watches = by_conn.get(conn.id)
+        if watches is not None:
+            for i, wt in enumerate(watches):
+                if wt is watch:
+                    del watches[i]
+                    break
+            if not watches:
+                del by_conn[conn.id]
+        if not by_conn:
+            del self._by_node[watch.node]
+
     def _deliver(self, fire: xs.Fire) -> None:
-        nodes = _watched_nodes(fire)
-        for conn in list(self._conns.values()):
-            if conn.closed or not conn.watches:
-                continue
-            index = conn.index
-            if index is None:
-                index = conn.index = {}
-                for watch in conn.watches.values():
-                    index.setdefault(watch.node, []).append(watch)
-            candidates = [wt for node in nodes for wt in index.get(node, ())]
-            if not candidates:
+        hits: Dict[int, List[xs.Watch]] = {}
+        for node in _watched_nodes(fire):
+            by_conn = self._by_node.get(node)
+            if by_conn:
+                for conn_id, watches in by_conn.items():
+                    hits.setdefault(conn_id, []).extend(watches)
+        for conn_id in sorted(hits):  # connections in the order they came, as before
+            conn = self._conns.get(conn_id)
+            if conn is None or conn.closed:
                 continue
             if not xs.watch_permitted(self._caller(conn), self.store, fire):
                 continue
-            for watch in candidates:
+            for watch in hits[conn_id]:
                 if not watch.matches(fire):
                     continue
                 msg = _event_message(watch.event_path(fire.path), watch.token)
