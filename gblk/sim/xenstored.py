@@ -53,6 +53,7 @@ _NO_TRANSACTION_OPS = frozenset({w.XS_WATCH, w.XS_UNWATCH})
 
 _OK = b"OK\0"
 _WRITE_BATCH = 64 * 1024
+_READ_CHUNK = 64 * 1024
 
 
 def _event_message(path: str, token: bytes) -> Optional[bytes]:
@@ -60,19 +61,6 @@ def _event_message(path: str, token: bytes) -> Optional[bytes]:
     if len(payload) > w.XENSTORE_PAYLOAD_MAX:
         return None  # xenstored does not send over-long events either
     return w.pack(w.XS_WATCH_EVENT, 0, 0, payload)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> Optional[bytes]:
-    """Exactly ``size`` bytes, or None at end of stream."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
 
 
 class _Connection:
@@ -244,18 +232,28 @@ class XenStoreServer:
             self._group.spawn(self._writer, conn)
 
     def _reader(self, conn: _Connection) -> None:
+        # whatever the socket has, then every whole message in it, one after another
+        # (a client may send many before reading an answer)
+        head = w.HEADER.size
+        buf = b""
         try:
             while not conn.closed:
-                header = _recv_exact(conn.sock, w.HEADER.size)
-                if header is None:
+                chunk = conn.sock.recv(_READ_CHUNK)
+                if not chunk:
                     return
-                mtype, req_id, tx_id, length = w.unpack_header(header)
-                if length > w.XENSTORE_PAYLOAD_MAX:
-                    return  # xenstored drops a client that feeds it more
-                payload = _recv_exact(conn.sock, length) if length else b""
-                if payload is None:
-                    return
-                self._handle(conn, mtype, req_id, tx_id, payload)
+                buf = buf + chunk if buf else chunk
+                start = 0
+                while len(buf) - start >= head and not conn.closed:
+                    mtype, req_id, tx_id, length = w.unpack_header(buf[start:start + head])
+                    if length > w.XENSTORE_PAYLOAD_MAX:
+                        return  # xenstored drops a client that feeds it more
+                    end = start + head + length
+                    if len(buf) < end:
+                        break
+                    payload = buf[start + head:end]
+                    start = end
+                    self._handle(conn, mtype, req_id, tx_id, payload)
+                buf = buf[start:]
         except OSError:
             return
         finally:
