@@ -49,6 +49,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .sim.ramdir import fs_type, ram_dir
+
 MiB = 1 << 20
 #: the daemon's log tail shown when it fails
 LOG_TAIL = 20
@@ -249,25 +251,6 @@ class ResidentImage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def fs_type(path: str) -> str:
-    """The file system type of the mount ``path`` is on ("" if unknown)."""
-    path = os.path.realpath(path)
-    best, kind = "", ""
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) < 5 or not right:
-                    continue
-                mnt = fields[4].replace("\\040", " ")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    best, kind = mnt, right.split()[0]
-    except OSError:
-        return ""
-    return kind
 
 
 # -- the raw side: fio ----------------------------------------------------------------------
@@ -668,6 +651,10 @@ def _run_scale(counts: Sequence[int], seconds: float, as_json: bool) -> int:
         print(report(r), flush=True)
         rows.append({
             "disks": n, "guests": r.guests, "connect_s": round(r.connect_s, 2),
+            "connect_cpu_s": {"daemon": round(r.connect_cpu[0], 2),
+                              "xenstored": (None if r.connect_cpu[1] is None
+                                            else round(r.connect_cpu[1], 2)),
+                              "guests": round(r.connect_cpu[2], 2)},
             "rss_mib_per_disk": round(r.per_disk("rss") / _MiB, 3),
             "fds_per_disk": round(r.per_disk("fds"), 2),
             "greenlets_per_disk": (None if r.idle.greenlets is None or r.base.greenlets is None
@@ -682,14 +669,6 @@ def _run_scale(counts: Sequence[int], seconds: float, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows))
     return 0
-
-
-def _guest_ram_dir() -> Optional[str]:
-    """A fresh directory for the simulated host on tmpfs (/dev/shm), or None (the
-    simulated host then makes its own under the temporary directory)."""
-    if fs_type("/dev/shm") != "tmpfs" or not os.access("/dev/shm", os.W_OK):
-        return None
-    return tempfile.mkdtemp(prefix="gblk-sim-", dir="/dev/shm")
 
 
 def _run_on(host: Any, image_dir: str, args: argparse.Namespace, jobs: List[Job],
@@ -773,7 +752,7 @@ def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
     # as a real guest's is; on a disk file system every page the daemon writes into
     # would be a dirty file page (page_mkwrite, writeback) and the bench would charge
     # that to the daemon. The image stays on a regular file system (RWF_NOWAIT).
-    host_dir = _guest_ram_dir()
+    host_dir = ram_dir()
     scratch = None
     try:
         with SimHost(dir=host_dir) as host:

@@ -7,7 +7,7 @@ testable with a dict. Names are exactly those of blkif.h (docs/protocol.md §1).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import NegotiationError
 from .abi import Abi, abi_for_protocol
@@ -52,6 +52,8 @@ BACKEND_ID = "backend-id"
 VIRTUAL_DEVICE = "virtual-device"
 
 Read = Callable[[str], Optional[str]]
+#: many keys of one directory at once, values in the order asked (None: missing)
+ReadMany = Callable[[Sequence[str]], List[Optional[str]]]
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,41 @@ def _queue(read: Read, prefix: str, order: int) -> QueueSpec:
     return QueueSpec(refs, port)
 
 
-def parse_frontend(read: Read, offer: Offer) -> FrontendParams:
-    """Read the frontend directory as blkback does at connect time."""
+class _Prefetched:
+    """``read`` from what ``read_many`` fetched ahead; a key not fetched is read alone."""
+
+    def __init__(self, read: Read, read_many: Optional[ReadMany]) -> None:
+        self._read = read
+        self._read_many = read_many
+        self._values: Dict[str, Optional[str]] = {}
+
+    def fetch(self, keys: Sequence[str]) -> None:
+        want = [k for k in keys if k not in self._values]
+        if self._read_many is not None and want:
+            self._values.update(zip(want, self._read_many(want)))
+
+    def __call__(self, key: str) -> Optional[str]:
+        if key not in self._values:
+            self._values[key] = self._read(key)
+        return self._values[key]
+
+
+def _queue_keys(prefix: str, order: int) -> List[str]:
+    keys = [prefix + RING_REF] if order == 0 else []
+    keys += [f"{prefix}{RING_REF}{i}" for i in range(1 << order)]
+    return keys + [prefix + EVENT_CHANNEL]
+
+
+def parse_frontend(read: Read, offer: Offer,
+                   read_many: Optional[ReadMany] = None) -> FrontendParams:
+    """Read the frontend directory as blkback does at connect time. With ``read_many``
+    the nodes are fetched in two batches (the layout, then every queue's ring
+    references and event channel) instead of one read after another: the same
+    values, as the frontend wrote them all before it went Initialised."""
+    got = _Prefetched(read, read_many)
+    got.fetch([PROTOCOL, RING_PAGE_ORDER, MULTI_QUEUE_NUM_QUEUES, EVENT_CHANNEL,
+               FEATURE_PERSISTENT])
+    read = got
     abi = abi_for_protocol(read(PROTOCOL))
     order_s = read(RING_PAGE_ORDER)
     order = 0 if order_s is None else parse_uint(order_s, RING_PAGE_ORDER, 31)
@@ -120,6 +155,7 @@ def parse_frontend(read: Read, offer: Offer) -> FrontendParams:
         )
     nq_s = read(MULTI_QUEUE_NUM_QUEUES)
     if nq_s is None:
+        got.fetch(_queue_keys("", order))
         queues: Tuple[QueueSpec, ...] = (_queue(read, "", order),)
     else:
         nq = parse_uint(nq_s, MULTI_QUEUE_NUM_QUEUES, 0xFFFF)
@@ -128,8 +164,10 @@ def parse_frontend(read: Read, offer: Offer) -> FrontendParams:
                 f"multi-queue-num-queues {nq} outside 1..{offer.max_queues}"
             )
         if nq == 1 and read(EVENT_CHANNEL) is not None:
+            got.fetch(_queue_keys("", order))
             queues = (_queue(read, "", order),)  # Linux writes one queue the old way
         else:
+            got.fetch([k for i in range(nq) for k in _queue_keys(f"queue-{i}/", order)])
             queues = tuple(_queue(read, f"queue-{i}/", order) for i in range(nq))
     persistent = offer.persistent and parse_bool(read(FEATURE_PERSISTENT))
     return FrontendParams(abi, order, queues, persistent)

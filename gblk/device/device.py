@@ -91,9 +91,10 @@ def _state(value: Optional[str]) -> Optional[int]:
 def _write_changed(t: XenStoreOps, path: str, nodes: Dict[str, str]) -> List[str]:
     """Write the nodes of ``nodes`` whose value differs (a watch fires on every
     write, changed or not); which were written."""
-    changed = [k for k, v in nodes.items() if t.read(f"{path}/{k}") != v]
-    for k in changed:
-        t.write(f"{path}/{k}", nodes[k])
+    keys = list(nodes)
+    now = t.read_many([f"{path}/{k}" for k in keys])
+    changed = [k for k, v in zip(keys, now) if v != nodes[k]]
+    t.write_many([(f"{path}/{k}", nodes[k]) for k in changed])
     return changed
 
 
@@ -217,6 +218,8 @@ class Device:
             # a store with no file to watch (NBD) is looked at on a timer
             poll = RESIZE_CHECK_INTERVAL if self.attached and self._resize_polled else None
             fired = self._sub.get(timeout=poll)
+            # one look serves every event already queued (a commit of n nodes fires n)
+            self._sub.drain()
             self._note_store()
             if fired is None and self.attached:
                 with self._busy:
@@ -264,10 +267,13 @@ class Device:
         self._resize_polled = False
 
     def _read_states(self) -> tuple:
-        xs = self.ctx.xs
-        b = _state(xs.read(f"{self.path}/{xb.STATE}"))
-        online = (xs.read(f"{self.path}/{xb.ONLINE}") or "0").strip() == "1"
-        f = _state(xs.read(f"{self._frontend}/{xb.STATE}")) if self._frontend else None
+        paths = [f"{self.path}/{xb.STATE}", f"{self.path}/{xb.ONLINE}"]
+        if self._frontend:
+            paths.append(f"{self._frontend}/{xb.STATE}")
+        values = self.ctx.xs.read_many(paths)
+        b = _state(values[0])
+        online = (values[1] or "0").strip() == "1"
+        f = _state(values[2]) if self._frontend else None
         return b, f, online
 
     def _evaluate(self) -> None:
@@ -335,18 +341,19 @@ class Device:
         """Open the backing store and write the nodes frontends read early."""
         xs = self.ctx.xs
         cfg = self.ctx.config
-        params = xs.read(f"{self.path}/{xb.PARAMS}")
+        params, mode_s, dtype_s, dio_s, discard_s = xs.read_many(
+            [f"{self.path}/{k}" for k in (xb.PARAMS, xb.MODE, xb.DEVICE_TYPE,
+                                          xb.DIRECT_IO_SAFE, xb.DISCARD_ENABLE)])
         if params is None:
             raise NegotiationError(f"{self.path}/params missing")
         fmt, path = xb.parse_params(self.kind, params)
-        mode = (xs.read(f"{self.path}/{xb.MODE}") or "r").strip()
-        dtype = (xs.read(f"{self.path}/{xb.DEVICE_TYPE}") or "disk").strip()
+        mode = (mode_s or "r").strip()
+        dtype = (dtype_s or "disk").strip()
         self._cdrom = dtype == "cdrom"
         self._readonly = not mode.startswith("w") or self._cdrom
-        dio_safe = xb.parse_bool(xs.read(f"{self.path}/{xb.DIRECT_IO_SAFE}"))
+        dio_safe = xb.parse_bool(dio_s)
         self._direct = cfg.direct_io == "always" or (cfg.direct_io == "auto" and dio_safe)
-        self._discard_enable = cfg.discard and xb.parse_bool(
-            xs.read(f"{self.path}/{xb.DISCARD_ENABLE}"), default=True)
+        self._discard_enable = cfg.discard and xb.parse_bool(discard_s, default=True)
         if self.store is None:
             # a store that opens after its deadline (the device failed meanwhile) is
             # closed again, in the control pool
@@ -398,7 +405,8 @@ class Device:
         store = self.store
         assert store is not None and self.gnttab is not None and self._frontend
         fe = self._frontend
-        params = xb.parse_frontend(lambda k: ctx.xs.read(f"{fe}/{k}"), self._offer())
+        params = xb.parse_frontend(lambda k: ctx.xs.read(f"{fe}/{k}"), self._offer(),
+                                   read_many=lambda ks: ctx.xs.read_many([f"{fe}/{k}" for k in ks]))
         mode = self._grant_mode(params.persistent)
         size = ctx.control.call(f"reading the size of {self.store_path}", store.size)
         sectors = size // SECTOR_SIZE

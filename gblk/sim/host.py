@@ -167,7 +167,9 @@ class Guest:
 
 
 class SimHost:
-    """A simulated Xen host in ``dir`` (a fresh temporary directory by default).
+    """A simulated Xen host in ``dir`` (a fresh temporary directory by default);
+    scratch images in ``image_dir`` (by default ``dir``; the caller removes a directory
+    it passed).
 
     ``isolate``: the children (xenstored, the daemon) get a process group of their
     own and die with this process (see :func:`isolate_child`); for interactive
@@ -180,8 +182,10 @@ class SimHost:
 
     def __init__(self, dir: Optional[str] = None, timeout: float = 10.0,
                  keep: bool = False, xenstored_args: Sequence[str] = (),
-                 isolate: bool = False) -> None:
+                 isolate: bool = False, image_dir: Optional[str] = None) -> None:
         self._own_dir = dir is None
+        #: where scratch images go (None: the host's directory)
+        self.image_dir = image_dir
         self.isolate = isolate
         self.dir = dir or ""
         self.timeout = timeout
@@ -352,8 +356,9 @@ class SimHost:
         return gxs
 
     def make_image(self, name: str, size: int) -> str:
-        """A sparse scratch image of ``size`` bytes in the host's directory."""
-        path = os.path.join(self.dir, name)
+        """A sparse scratch image of ``size`` bytes in ``image_dir`` (by default the
+        host's directory)."""
+        path = os.path.join(self.image_dir or self.dir, name)
         with open(path, "wb") as f:
             f.truncate(size)
         return path

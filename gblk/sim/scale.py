@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -21,6 +23,7 @@ import gevent
 
 from .frontend import Frontend, FrontendOptions
 from .host import Guest, SimHost
+from .ramdir import ram_dir
 
 MiB = 1 << 20
 SECTOR = 512
@@ -46,6 +49,9 @@ class ScaleResult:
     disks: int
     guests: int
     connect_s: float
+    #: CPU seconds (utime + stime) spent while connecting: the daemon, the simulated
+    #: xenstored (None: not a process of its own), this process (the guests' side)
+    connect_cpu: Tuple[float, Optional[float], float]
     base: Sample
     idle: Sample
     after: Sample
@@ -103,8 +109,25 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
     ``greenlets_of(control_socket)``: the daemon's live greenlets (the caller asks its
     control socket; None when it cannot tell)."""
     _raise_nofile(4 * disks + 256)  # this process holds the guests' side of every disk
+    # the host's files (guest RAM, sockets, the daemon's ring journals) on tmpfs as on a
+    # real host (gblk.sim.ramdir); the images on a regular file system
+    host_dir = ram_dir()
+    image_dir = tempfile.mkdtemp(prefix="gblk-scale-") if host_dir else None
+    try:
+        return _run_scale(host_dir, image_dir, disks, per_guest, size, io_sample,
+                          idle_seconds, timeout, say, extra_args, greenlets_of)
+    finally:
+        for d in (host_dir, image_dir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _run_scale(host_dir: Optional[str], image_dir: Optional[str], disks: int, per_guest: int,
+               size: int, io_sample: int, idle_seconds: float, timeout: float,
+               say: Callable[[str], None], extra_args: Tuple[str, ...],
+               greenlets_of: Optional[Callable[[str], Optional[int]]]) -> ScaleResult:
     guests_n = (disks + per_guest - 1) // per_guest
-    with SimHost() as host:
+    with SimHost(dir=host_dir, image_dir=image_dir) as host:
         cfg = os.path.join(host.dir, "scale.toml")
         with open(cfg, "w") as f:
             f.write(DAEMON_TOML)
@@ -127,14 +150,19 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
                                             options=FrontendOptions(initial_zero=True,
                                                                     timeout=timeout)))
         say(f"{disks} disks on {len(guests)} guests attached; connecting all at once")
+        xs_pid = host.xenstored.pid if host.xenstored is not None else None
+        cpu0 = _cpus(daemon.pid, xs_pid)
         t0 = time.monotonic()
         jobs = [gevent.spawn(fe.connect) for fe in fronts]
         gevent.joinall(jobs, raise_error=True)
         connect_s = time.monotonic() - t0
-        if host.xenstored is not None:
-            say(f"  cpu during connect: daemon {sample(daemon.pid).cpu - base.cpu:.1f} s, "
-                f"xenstored {sample(host.xenstored.pid).cpu:.1f} s, "
-                f"this process {sum(os.times()[:2]):.1f} s")
+        cpu1 = _cpus(daemon.pid, xs_pid)
+        connect_cpu = (cpu1[0] - cpu0[0],
+                       None if cpu1[1] is None or cpu0[1] is None else cpu1[1] - cpu0[1],
+                       cpu1[2] - cpu0[2])
+        say(f"  cpu while connecting: daemon {connect_cpu[0]:.2f} s, xenstored "
+            f"{'-' if connect_cpu[1] is None else f'{connect_cpu[1]:.2f} s'}, "
+            f"guests (this process) {connect_cpu[2]:.2f} s")
         connected = sum(1 for fe in fronts if fe.connected)
         say(f"connected {connected} disks in {connect_s:.2f} s")
         # verified IO on a sample while the rest idle
@@ -176,9 +204,16 @@ def run_scale(disks: int, per_guest: int = 4, size: int = MiB, io_sample: int = 
         after = sample(daemon.pid, greenlets, host.dir)
         host.stop_backend()
         return ScaleResult(
-            disks=disks, guests=len(guests), connect_s=connect_s, base=base, idle=idle,
+            disks=disks, guests=len(guests), connect_s=connect_s, connect_cpu=connect_cpu,
+            base=base, idle=idle,
             after=after, idle_cpu=idle_cpu, idle_s=idle_s, connected=connected,
             closed=sum(closed_flags), io_checked=len(checked), mismatches=mismatches)
+
+
+def _cpus(daemon: int, xenstored: Optional[int]) -> Tuple[float, Optional[float], float]:
+    """CPU seconds so far of the daemon, the simulated xenstored and this process."""
+    return (sample(daemon).cpu, None if xenstored is None else sample(xenstored).cpu,
+            sum(os.times()[:2]))
 
 
 def _quiet(pid: int, base: Sample, under: str) -> bool:
@@ -190,7 +225,8 @@ def report(r: ScaleResult) -> str:
     """The bench's lines for one run."""
     g = ("-" if r.idle.greenlets is None or r.base.greenlets is None
          else f"{(r.idle.greenlets - r.base.greenlets) / max(r.disks, 1):.1f}")
-    return (f"{r.disks:5d} disks {r.guests:4d} guests  connect {r.connect_s:6.2f} s  "
+    return (f"{r.disks:5d} disks {r.guests:4d} guests  connect {r.connect_s:6.2f} s "
+            f"(daemon CPU {r.connect_cpu[0]:5.2f} s)  "
             f"per idle disk: {r.per_disk('rss') / MiB:5.2f} MiB RSS, "
             f"{r.per_disk('fds'):5.1f} fds, {r.per_disk('maps'):5.1f} maps, {g} greenlets  "
             f"idle CPU {r.idle_cpu * 100:5.2f}% of a core  "

@@ -53,6 +53,7 @@ _NO_TRANSACTION_OPS = frozenset({w.XS_WATCH, w.XS_UNWATCH})
 
 _OK = b"OK\0"
 _WRITE_BATCH = 64 * 1024
+_READ_CHUNK = 64 * 1024
 
 
 def _event_message(path: str, token: bytes) -> Optional[bytes]:
@@ -60,19 +61,6 @@ def _event_message(path: str, token: bytes) -> Optional[bytes]:
     if len(payload) > w.XENSTORE_PAYLOAD_MAX:
         return None  # xenstored does not send over-long events either
     return w.pack(w.XS_WATCH_EVENT, 0, 0, payload)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> Optional[bytes]:
-    """Exactly ``size`` bytes, or None at end of stream."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
 
 
 class _Connection:
@@ -87,9 +75,6 @@ class _Connection:
         self.queued = 0
         self.ready = gevent.event.Event()
         self.watches: Dict[Tuple[str, bytes], xs.Watch] = {}
-        #: the watches by node, rebuilt after a change of ``watches`` (None: stale):
-        #: a change looks up its path and ancestors instead of matching every watch
-        self.index: Optional[Dict[str, List[xs.Watch]]] = None
         self.transactions: Dict[int, xs.Transaction] = {}
         self.next_tx = 1
         self.closed = False
@@ -119,6 +104,9 @@ class XenStoreServer:
         self.connections_total = 0
         self.dropped_total = 0
         self._conns: Dict[int, _Connection] = {}
+        #: every connection's watches by node, then by connection id: a change looks up
+        #: its path and ancestors instead of visiting every connection and watch
+        self._by_node: Dict[str, Dict[int, List[xs.Watch]]] = {}
         self._listeners: Dict[int, _Listener] = {}
         self._introduced: Dict[int, Tuple[int, int]] = {}
         self._targets: Dict[int, int] = {}
@@ -244,18 +232,28 @@ class XenStoreServer:
             self._group.spawn(self._writer, conn)
 
     def _reader(self, conn: _Connection) -> None:
+        # whatever the socket has, then every whole message in it, one after another
+        # (a client may send many before reading an answer)
+        head = w.HEADER.size
+        buf = b""
         try:
             while not conn.closed:
-                header = _recv_exact(conn.sock, w.HEADER.size)
-                if header is None:
+                chunk = conn.sock.recv(_READ_CHUNK)
+                if not chunk:
                     return
-                mtype, req_id, tx_id, length = w.unpack_header(header)
-                if length > w.XENSTORE_PAYLOAD_MAX:
-                    return  # xenstored drops a client that feeds it more
-                payload = _recv_exact(conn.sock, length) if length else b""
-                if payload is None:
-                    return
-                self._handle(conn, mtype, req_id, tx_id, payload)
+                buf = buf + chunk if buf else chunk
+                start = 0
+                while len(buf) - start >= head and not conn.closed:
+                    mtype, req_id, tx_id, length = w.unpack_header(buf[start:start + head])
+                    if length > w.XENSTORE_PAYLOAD_MAX:
+                        return  # xenstored drops a client that feeds it more
+                    end = start + head + length
+                    if len(buf) < end:
+                        break
+                    payload = buf[start + head:end]
+                    start = end
+                    self._handle(conn, mtype, req_id, tx_id, payload)
+                buf = buf[start:]
         except OSError:
             return
         finally:
@@ -312,8 +310,9 @@ class XenStoreServer:
     def _reset_watches(self, conn: _Connection) -> None:
         """Forget the connection's watches and transactions (RESET_WATCHES)."""
         self._accounting.add_watches(conn.domid, -len(conn.watches))
+        for watch in conn.watches.values():
+            self._unindex(conn, watch)
         conn.watches.clear()
-        conn.index = None
         self._accounting.add_transactions(conn.domid, -len(conn.transactions))
         conn.transactions.clear()
 
@@ -419,7 +418,7 @@ class XenStoreServer:
         ):
             raise XsError(w.E2BIG)
         conn.watches[key] = watch
-        conn.index = None
+        self._by_node.setdefault(watch.node, {}).setdefault(conn.id, []).append(watch)
         self._accounting.add_watches(caller.domid, 1)
         # "We fire once up front: simplifies clients and restart."
         msg = _event_message(watch.event_path(watch.node), watch.token)
@@ -432,9 +431,10 @@ class XenStoreServer:
         if len(args) != 2:
             raise XsError(w.EINVAL)
         node = xs.canonicalize(caller, args[0].decode("latin-1"))
-        if conn.watches.pop((node, args[1]), None) is None:
+        watch = conn.watches.pop((node, args[1]), None)
+        if watch is None:
             raise XsError(w.ENOENT)
-        conn.index = None
+        self._unindex(conn, watch)
         self._accounting.add_watches(caller.domid, -1)
         return _OK
 
@@ -469,22 +469,35 @@ class XenStoreServer:
 
     # -- watches ------------------------------------------------------------
 
+    def _unindex(self, conn: _Connection, watch: xs.Watch) -> None:
+        by_conn = self._by_node.get(watch.node)
+        if by_conn is None:
+            return
+        watches = by_conn.get(conn.id)
+        if watches is not None:
+            for i, wt in enumerate(watches):
+                if wt is watch:
+                    del watches[i]
+                    break
+            if not watches:
+                del by_conn[conn.id]
+        if not by_conn:
+            del self._by_node[watch.node]
+
     def _deliver(self, fire: xs.Fire) -> None:
-        nodes = _watched_nodes(fire)
-        for conn in list(self._conns.values()):
-            if conn.closed or not conn.watches:
-                continue
-            index = conn.index
-            if index is None:
-                index = conn.index = {}
-                for watch in conn.watches.values():
-                    index.setdefault(watch.node, []).append(watch)
-            candidates = [wt for node in nodes for wt in index.get(node, ())]
-            if not candidates:
+        hits: Dict[int, List[xs.Watch]] = {}
+        for node in _watched_nodes(fire):
+            by_conn = self._by_node.get(node)
+            if by_conn:
+                for conn_id, watches in by_conn.items():
+                    hits.setdefault(conn_id, []).extend(watches)
+        for conn_id in sorted(hits):  # connections in the order they came, as before
+            conn = self._conns.get(conn_id)
+            if conn is None or conn.closed:
                 continue
             if not xs.watch_permitted(self._caller(conn), self.store, fire):
                 continue
-            for watch in candidates:
+            for watch in hits[conn_id]:
                 if not watch.matches(fire):
                     continue
                 msg = _event_message(watch.event_path(fire.path), watch.token)

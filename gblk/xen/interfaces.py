@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 PAGE_SIZE = 4096
 
@@ -135,6 +135,14 @@ class WatchSubscription(abc.ABC):
     def get(self, timeout: Optional[float] = None) -> Optional[str]:
         """Block (the greenlet) until a path fired; None on timeout."""
 
+    def drain(self) -> int:
+        """Forget the events already pending (a consumer about to re-read every value
+        it watches needs none of them); how many there were."""
+        n = 0
+        while self.get(timeout=0) is not None:
+            n += 1
+        return n
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -146,8 +154,19 @@ class XenStoreOps(abc.ABC):
     def read(self, path: str) -> Optional[str]:
         """The value, or None when the node does not exist."""
 
+    def read_many(self, paths: Sequence[str]) -> List[Optional[str]]:
+        """``read`` of every path, in order. A client may send them all before the
+        first answer (pipelined: one round trip instead of one per path)."""
+        return [self.read(p) for p in paths]
+
     @abc.abstractmethod
     def write(self, path: str, value: str) -> None: ...
+
+    def write_many(self, items: Sequence[Tuple[str, str]]) -> None:
+        """``write`` of every (path, value), in order (xenstored applies a connection's
+        requests in the order sent, so pipelining keeps it)."""
+        for path, value in items:
+            self.write(path, value)
 
     @abc.abstractmethod
     def mkdir(self, path: str) -> None: ...

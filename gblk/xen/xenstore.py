@@ -216,6 +216,85 @@ class _Link:
                     raise OSError(errno.EBADF, "connection closed")
                 view = view[gevent.os.nb_write(self._fd, view):]
 
+    def _send_batch(self, messages: List[bytes]) -> None:
+        """Several whole messages: one write on a socket; on the xenbus device one
+        message per write (it takes exactly one message per write)."""
+        if self._sock is not None:
+            with self._send_lock:
+                self._sock.sendall(b"".join(messages))
+            return
+        for message in messages:
+            self._send(message)
+
+    def request_many(self, requests: Sequence[Tuple[int, bytes, str]],
+                     tx_id: int = 0) -> List[object]:
+        """Pipelined ``request``: every (op, payload, what) is sent before the first
+        reply is awaited, under one timeout. Per request, in order, the reply payload
+        (bytes) or the XenStoreError of its error reply; _LinkDown as ``request``."""
+        for _op, payload, what in requests:
+            if len(payload) > w.XENSTORE_PAYLOAD_MAX:
+                raise XenStoreError(f"{what}: request larger than {w.XENSTORE_PAYLOAD_MAX} "
+                                    "bytes", "E2BIG")
+        if not self.alive:
+            raise _LinkDown(f"{requests[0][2]}: connection to {self.path} lost", "EIO")
+        ids: List[int] = []
+        waiters: List[gevent.event.AsyncResult] = []
+        messages: List[bytes] = []
+        for op, payload, _what in requests:
+            req_id = next(self._ids) & 0xFFFFFFFF or next(self._ids)
+            waiter = gevent.event.AsyncResult()
+            self._pending[req_id] = waiter
+            ids.append(req_id)
+            waiters.append(waiter)
+            messages.append(w.pack(op, req_id, tx_id, payload))
+        timer = gevent.Timeout(self.timeout)
+        timer.start()
+        try:
+            self._send_batch(messages)
+            replies = [waiter.get() for waiter in waiters]
+        except gevent.Timeout as e:
+            if e is not timer:
+                raise
+            self._forget_ids(ids)
+            self.close()
+            raise _LinkDown(f"{requests[0][2]} (and {len(requests) - 1} more): no answer "
+                            f"from xenstored ({self.path}) in {self.timeout:g} s",
+                            "ETIMEDOUT") from None
+        except OSError as e:
+            self._forget_ids(ids)
+            self.close()
+            raise _LinkDown(f"{requests[0][2]}: {e}", _errno_name(e)) from e
+        finally:
+            timer.close()
+        out: List[object] = []
+        for (op, _payload, what), reply in zip(requests, replies):
+            try:
+                out.append(self._check(reply, op, tx_id, what))
+            except _LinkDown:
+                raise
+            except XenStoreError as e:
+                out.append(e)
+        return out
+
+    def _forget_ids(self, ids: Sequence[int]) -> None:
+        for req_id in ids:
+            self._pending.pop(req_id, None)
+
+    def _check(self, reply: object, op: int, tx_id: int, what: str) -> bytes:
+        """The payload of a good reply; XenStoreError for an error reply, _LinkDown
+        (and the connection closed) for a lost connection or a reply of the wrong kind."""
+        if reply is _LOST:
+            raise _LinkDown(f"{what}: connection to {self.path} lost", "EIO")
+        assert isinstance(reply, tuple)
+        mtype, reply_tx, body = reply
+        if mtype == w.XS_ERROR:
+            name = w.error_name(body)
+            raise XenStoreError(f"{what}: {name}", name)
+        if mtype != op or reply_tx != tx_id:
+            self.close()
+            raise _LinkDown(f"{what}: unexpected reply type {mtype}", "EIO")
+        return bytes(body)
+
     def request(self, op: int, payload: bytes, tx_id: int = 0, what: str = "") -> bytes:
         """Send one request and return the reply payload.
 
@@ -248,16 +327,7 @@ class _Link:
             raise _LinkDown(f"{what}: {e}", _errno_name(e)) from e
         finally:
             timer.close()
-        if reply is _LOST:
-            raise _LinkDown(f"{what}: connection to {self.path} lost", "EIO")
-        mtype, reply_tx, body = reply
-        if mtype == w.XS_ERROR:
-            name = w.error_name(body)
-            raise XenStoreError(f"{what}: {name}", name)
-        if mtype != op or reply_tx != tx_id:
-            self.close()
-            raise _LinkDown(f"{what}: unexpected reply type {mtype}", "EIO")
-        return body
+        return self._check(reply, op, tx_id, what)
 
 
 class _Ops(XenStoreOps):
@@ -265,6 +335,37 @@ class _Ops(XenStoreOps):
 
     def _req(self, op: int, payload: bytes, what: str) -> bytes:
         raise NotImplementedError
+
+    def _req_many(self, requests: Sequence[Tuple[int, bytes, str]]) -> List[object]:
+        """``_Link.request_many`` on this connection or transaction."""
+        raise NotImplementedError
+
+    def read_many(self, paths: Sequence[str]) -> List[Optional[str]]:
+        """Pipelined: every read sent before the first answer is awaited."""
+        if not paths:
+            return []
+        replies = self._req_many([(w.XS_READ, _b(p) + _NUL, f"read {p}") for p in paths])
+        out: List[Optional[str]] = []
+        for reply in replies:
+            if isinstance(reply, XenStoreError):
+                if reply.errno_name == w.ENOENT:
+                    out.append(None)
+                    continue
+                raise reply
+            assert isinstance(reply, bytes)
+            out.append(_s(reply))
+        return out
+
+    def write_many(self, items: Sequence[Tuple[str, str]]) -> None:
+        """Pipelined, in order (xenstored answers a connection's requests in order);
+        the first error reply raises, after every write was answered."""
+        if not items:
+            return
+        replies = self._req_many([(w.XS_WRITE, _b(p) + _NUL + _b(v), f"write {p}")
+                                  for p, v in items])
+        for reply in replies:
+            if isinstance(reply, XenStoreError):
+                raise reply
 
     def read(self, path: str) -> Optional[str]:
         try:
@@ -348,6 +449,11 @@ class _TransactionOps(_Ops):
         if not self.valid:
             raise XenStoreError(f"{what}: transaction {self.tx_id} is over", "EINVAL")
         return self._link.request(op, payload, self.tx_id, what)
+
+    def _req_many(self, requests: Sequence[Tuple[int, bytes, str]]) -> List[object]:
+        if not self.valid:
+            raise XenStoreError(f"{requests[0][2]}: transaction {self.tx_id} is over", "EINVAL")
+        return self._link.request_many(requests, self.tx_id)
 
 
 class _Subscription(WatchSubscription):
@@ -550,6 +656,19 @@ class GeventXenStore(_Ops, XenStore):
             link = self._ensure()
             try:
                 return link.request(op, payload, 0, what)
+            except _LinkDown as e:
+                self._discard(link)
+                if attempt or e.errno_name == "ETIMEDOUT":
+                    raise
+        raise AssertionError("unreachable")
+
+    def _req_many(self, requests: Sequence[Tuple[int, bytes, str]]) -> List[object]:
+        # reads and writes only (idempotent): the whole batch is sent again once on a
+        # lost connection, as ``_req`` does for one request
+        for attempt in (0, 1):
+            link = self._ensure()
+            try:
+                return link.request_many(requests)
             except _LinkDown as e:
                 self._discard(link)
                 if attempt or e.errno_name == "ETIMEDOUT":

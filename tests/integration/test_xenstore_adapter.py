@@ -109,6 +109,28 @@ def test_node_operations(xs: GeventXenStore) -> None:
     assert xs.connections == 1
 
 
+def test_read_many_and_write_many_pipelined(xs: GeventXenStore) -> None:
+    """read_many/write_many: values in the order asked, a missing node as None, the
+    same inside a transaction (on its tx_id); an error reply raises its name; a
+    batch spans many requests at once on the one connection."""
+    xs.write_many([(f"/a9/n{i}", str(i)) for i in range(100)] + [("/a9/e", "")])
+    assert xs.read_many([f"/a9/n{i}" for i in range(99, -1, -1)]) == [
+        str(i) for i in range(99, -1, -1)]
+    assert xs.read_many(["/a9/n1", "/a9/none", "/a9/e"]) == ["1", None, ""]
+    assert xs.read_many([]) == []
+    xs.write_many([])
+
+    def tx(t: XenStoreOps) -> List[object]:
+        t.write_many([("/a9/t1", "x"), ("/a9/t2", "y")])
+        return list(t.read_many(["/a9/t1", "/a9/t2", "/a9/n5", "/a9/tnone"]))
+    assert xs.transaction(tx) == ["x", "y", "5", None]
+    assert xs.read_many(["/a9/t1", "/a9/t2"]) == ["x", "y"]
+    assert errno_name(xs.read_many, ["/a9/n1", "/bad//path"]) == "EINVAL"
+    assert errno_name(xs.write_many, [("/a9/ok", "1"), ("/a9/big", "x" * 5000)]) == "E2BIG"
+    assert xs.read("/a9/n2") == "2"  # the connection is still good
+    assert xs.connections == 1
+
+
 def test_empty_and_unusual_values(xs: GeventXenStore) -> None:
     """Empty values (pyxs 0.4.1 raised ValueError on them), newlines, non-ASCII and
     even bytes that are not UTF-8 round-trip unchanged."""

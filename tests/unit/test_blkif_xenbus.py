@@ -6,7 +6,7 @@ NegotiationError (that device fails cleanly), never another exception.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -287,3 +287,32 @@ def test_paths() -> None:
 def test_parse_bool(value: Optional[str], expected: bool) -> None:
     """XenStore booleans: absent = default, '0' or empty = false."""
     assert parse_bool(value) is expected
+
+
+@pytest.mark.parametrize("nodes", [
+    {"ring-ref": "8", "event-channel": "17", "protocol": "x86_64-abi",
+     "feature-persistent": "1"},
+    {"multi-queue-num-queues": "1", "ring-ref": "5", "event-channel": "6"},
+    _mq(3),
+    _mq(4, order=4),
+], ids=["classic", "one-queue-old-way", "mq3", "mq4-order4"])
+def test_read_many_fetches_in_two_batches_with_the_same_result(nodes: Dict[str, str]) -> None:
+    """With ``read_many`` the layout comes in one batch and every queue's nodes in a
+    second (two round trips instead of one per node), and nothing is read alone;
+    the result is what one read after another gives."""
+    batches: List[List[str]] = []
+    single: List[str] = []
+
+    def read_many(keys: Sequence[str]) -> List[Optional[str]]:
+        batches.append(list(keys))
+        return [nodes.get(k) for k in keys]
+
+    def read(key: str) -> Optional[str]:
+        single.append(key)
+        return nodes.get(key)
+
+    assert parse_frontend(read, OFFER, read_many=read_many) == parse_frontend(
+        reader(nodes), OFFER)
+    assert len(batches) == 2 and not single
+    assert set(batches[1]) >= {k for k in nodes if "ring-ref" in k or "event-channel" in k
+                               } - set(batches[0])
