@@ -774,10 +774,10 @@ def sc_backup(res, gblk):
     g.wait("READY", "limited")
     limit = 50
     gblk_ctl("limit", disk, "--iops-total", str(limit))
+    gblk_ctl("cbt", "disable", disk)  # the bitmap file goes (the disk goes with the guest)
     ack(a, "limited")
     g.wait("DONE")
     collect(res, g)
-    gblk_ctl("cbt", "disable", disk)
     g.finish(res)
 
     def iops(tag):
