@@ -1,11 +1,12 @@
-"""The Store interface and ``open_store``: which formats gblk serves."""
+"""The Store interface, and which formats gblk serves (``SUPPORTED_FORMATS``).
+
+Every store imports this module and this module imports none of them: choosing a store
+for a format is ``gblk.storage.opener.open_store``'s job."""
 
 from __future__ import annotations
 
 import abc
 from typing import Sequence
-
-from ..errors import StorageError
 
 #: formats of libxl's ``params`` that gblk serves (``aio`` is mapped to ``raw`` by blkif):
 #: raw itself, the image formats through qemu-nbd, and ``nbd:<uri>`` (someone's export)
@@ -61,29 +62,3 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
-
-
-def open_store(fmt: str, path: str, readonly: bool, direct: bool = False) -> Store:
-    """Open ``path`` as format ``fmt``; StorageError with a clear message otherwise.
-    (``fault``: the test-only fault-injecting store, see ``gblk.storage.fault``;
-    refused unless gblk's environment allows it.)"""
-    if fmt == "fault":
-        return FaultStore(path, readonly=readonly, direct=direct)
-    if fmt not in SUPPORTED_FORMATS:
-        raise StorageError(
-            f"format {fmt!r} of {path} is not supported (gblk serves: {', '.join(SUPPORTED_FORMATS)})"
-        )
-    if fmt == "raw":
-        return RawStore(path, readonly=readonly, direct=direct)
-    try:
-        if fmt == "nbd":
-            return remote_store(path, readonly)
-        return image_store(fmt, path, readonly, direct)
-    except OSError as e:
-        raise StorageError(f"cannot serve {fmt}:{path}: {e.strerror or e}") from None
-
-
-from .fault import FaultStore  # noqa: E402  (these import this module)
-from .nbd import remote_store  # noqa: E402
-from .qemunbd import image_store  # noqa: E402
-from .raw import RawStore  # noqa: E402
