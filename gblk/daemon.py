@@ -84,6 +84,29 @@ def raise_fd_limit(wanted: int = WANTED_NOFILE) -> int:
 
 
 class Daemon:
+    """One gblk process: the host, the bus and its devices, and the services beside
+    them (metrics endpoint, control socket, systemd notifications and watchdog).
+
+    Responsible for building everything from the ``Config`` in order (disks first:
+    neither metrics nor the control socket can keep a disk from being served), for
+    the process-wide shares (the threadpool's size, the control pool, the one
+    event-channel and grant-table handle, the IO limits), for signals and for the
+    order of the drain on stop.
+
+    Lifecycle: ``run()`` is the whole life: installs the signal handlers, ``start()``
+    (XenStore opened, a grant table and an event channel opened and closed at once so
+    a missing piece of Xen fails fast, a predecessor's handover on ``--takeover``, the
+    bus started and its disks settled, then metrics and control), tells systemd it is
+    ready, waits, and ``stop()`` (idempotent, also after a failed start). SIGHUP reloads the configuration in place; SIGUSR2
+    starts a successor that takes the disks over the control socket (``handover``).
+
+    Threads: ``run()`` is the main greenlet; a signal handler only sets a flag and
+    wakes it, and it does the work (reload, stop). The daemon owns the top-level
+    greenlets it spawns (housekeeping, watchdog, metrics retry) and kills them on
+    stop; the bus, devices and rings own theirs. Blocking work goes to gevent's
+    threadpool (guests' IO) and the ``ControlPool`` (control-plane calls).
+    """
+
     def __init__(self, config: Config, host: Optional[XenHost] = None,
                  takeover: bool = False) -> None:
         self.config = config

@@ -24,6 +24,24 @@ Key = Tuple[int, str, int]
 
 
 class Bus:
+    """The set of devices this daemon serves, kept equal to XenStore's backend
+    directories of the configured kinds.
+
+    Responsible for noticing devices appear and go, and for nothing inside a device:
+    it creates a ``Device`` per new ``<domid>/<devid>`` directory, forgets it when the
+    device reports itself removed, and does not recreate one that finished while its
+    directory still exists (unless the toolstack writes it anew in Initialising).
+
+    Lifecycle: the daemon creates it with the shared ``DeviceContext``; ``start()``
+    watches the kinds' roots, picks up the devices that exist now (a takeover) and
+    spawns the bus greenlet; ``stop(timeout)`` kills that greenlet, closes the watch
+    and stops every device in parallel, each answering its in-flight IO first.
+
+    Threads: one greenlet on the hub (``_run``: one watch event at a time, a rescan of
+    the part of the tree it names; a XenStore error is logged and the next event
+    rescans). Each device runs in greenlets of its own.
+    """
+
     def __init__(self, ctx: DeviceContext, kinds: Sequence[str]) -> None:
         self.ctx = ctx
         self.kinds = tuple(kinds)

@@ -99,6 +99,30 @@ def _write_changed(t: XenStoreOps, path: str, nodes: Dict[str, str]) -> List[str
 
 
 class Device:
+    """One virtual disk: ``backend/<kind>/<domid>/<devid>`` and everything serving it.
+
+    Responsible for the backend half of the XenBus handshake: reads the toolstack's
+    and the frontend's nodes, opens the store, writes what the frontend is offered
+    (sectors, features, ring limits), builds the ``Dataplane`` when the frontend
+    connects and stops it when it closes or reconnects, and reports a failure as
+    Closed with the reason in ``hotplug-error``. Owns the store, its grant-table handle,
+    the dataplane, the disk's IO limits, dirty bitmap and NBD export, and its stats.
+
+    Lifecycle: the ``Bus`` creates it when the directory appears and calls ``start()``,
+    which registers the stats and spawns the device's greenlet. The device ends itself
+    when the toolstack removes it (or its greenlet fails): it releases everything and
+    tells the bus through ``on_removed``. ``stop()`` is the daemon's shutdown or
+    handover: answer in-flight IO, release everything, leave XenStore as it is for the
+    next gblk (idempotent).
+
+    Threads: its control loop runs in its own greenlet (``_run``: one look at the
+    current states per batch of watch events, ``state.decide`` applied until NONE);
+    a resize check may run in a short-lived second one, serialised with it by
+    ``_busy``. Its blocking calls (open, size, close of the store) go to the daemon's
+    ``ControlPool`` threads with a deadline; its rings run as the dataplane's greenlets
+    on the same hub.
+    """
+
     def __init__(self, ctx: DeviceContext, kind: str, domid: int, devid: int,
                  on_removed: Callable[["Device"], None]) -> None:
         self.ctx = ctx

@@ -91,12 +91,26 @@ _Item = Tuple[int, Callable[..., Outcome], Tuple[Any, ...], Optional[List[Any]]]
 
 
 class RingWorker:
-    """Serves one ring of one connected disk until stopped.
+    """Serves one ring (queue) of one connected disk until stopped.
 
-    Owns the ring mapping, its event-channel handle and its persistent-grant cache;
-    shares the store, grant table, page source and limits of its ``Dataplane``.
-    ``start()`` maps and binds; ``stop()`` answers every consumed request, then
-    releases everything (idempotent; safe after a half-finished start).
+    Responsible for every request its frontend puts on this ring: taking it, checking
+    it, having its IO done and answering it, once, in ring order. Owns the ring's
+    mapping, its bound port on the shared event-channel handle, its ring journal and its
+    persistent-grant cache; shares the store, grant table, page source, limits, IO
+    limits and dirty bitmap of its ``Dataplane``, which creates it (one per queue the
+    frontend announced) and is its only caller.
+
+    Lifecycle: constructed idle; ``start()`` maps the ring (in the control pool, with a
+    deadline), binds the port, opens the journal and spawns the ring greenlet; ``stop()``
+    stops taking requests, waits up to ``timeout`` for the consumed ones to be answered,
+    kills the greenlet and releases everything (idempotent; safe after a half-finished
+    start). A frontend that breaks the ring halts this ring only (``stats.halted``);
+    a failure of the greenlet itself is logged and likewise halts only this ring.
+
+    Threads: everything here runs on the hub, in the one greenlet ``start()`` spawns
+    (``_run``) and in callbacks the hub calls (the port's watcher, job completions,
+    the IO-limit timer). Only the functions of ``gblk.engine.jobs`` run in the
+    threadpool: they get arguments and return outcomes, and never touch this object.
     """
 
     def __init__(self, dp: "Dataplane", queue: int, ring_refs: Tuple[int, ...],

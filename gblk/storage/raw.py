@@ -136,6 +136,25 @@ def _servable(path: str, mode: int) -> None:
 
 
 class RawStore(Store):
+    """One open regular file or block device, served as the disk's bytes as they are.
+
+    Responsible for the syscalls of every IO on it (vectored reads and writes straight
+    into the caller's views, ``fdatasync`` for a flush, a punched hole or
+    ``BLKDISCARD`` for a discard) and for telling the device what the image is: its
+    size (re-read on every call: it may have grown), sector sizes and discard
+    limits, from the block device's queue or the file's block size.
+
+    Lifecycle: the constructor opens the path (refusing anything but a regular file
+    or a block device, before and after the open) or raises StorageError; ``close()``
+    closes the descriptor (idempotent). ``open_store`` makes it for ``raw`` (and the
+    fault store wraps one); the device owns it and closes it when it is released.
+
+    Threads: the device opens, sizes and closes it in the control pool; a ring's IO
+    runs in the threadpool, several jobs at once on the one descriptor (positioned
+    syscalls only, no shared offset). ``readv_nowait``/``writev_nowait`` are the
+    exception: the hub calls them, and they never wait for the disk.
+    """
+
     def __init__(self, path: str, readonly: bool, direct: bool = False) -> None:
         # the type first: opening a FIFO for reading waits for a writer, for ever
         try:
