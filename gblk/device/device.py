@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import gevent
 import gevent.lock
 
+from ..blkif import reasons as R
 from ..blkif import xenbus as xb
 from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
 from ..blkif.const import XenbusState as S
@@ -186,7 +187,7 @@ class Device:
 
     def _crashed(self, g: gevent.Greenlet) -> None:
         self.log.error("device failed: %r; releasing it", g.exception)
-        self.stats.errors["device_failed"] += 1
+        self.stats.errors[R.DEVICE_FAILED] += 1
         try:
             self._release(self.ctx.stop_timeout)
         finally:
@@ -321,7 +322,7 @@ class Device:
 
     def _fail(self, message: str, f: Optional[int], online: bool) -> None:
         self.log.error("%s", message)
-        self.stats.errors["device_failed"] += 1
+        self.stats.errors[R.DEVICE_FAILED] += 1
         self._failed_on = (f, online)
         self._stop_rings(self.ctx.stop_timeout)
         try:
@@ -517,7 +518,7 @@ class Device:
             st.nbd_state = m["state"]
         new_errors = m["connection_errors"] - st.nbd_connection_errors
         if new_errors > 0:
-            st.errors["nbd_connection"] += new_errors
+            st.errors[R.NBD_CONNECTION] += new_errors
             if m["state"] == "connected":
                 self.log.warning("NBD connection lost and re-established (%s)", m["last_error"])
         if m["lost_writes"] > st.nbd_unflushed_lost:
