@@ -79,16 +79,6 @@ def _close_store(store: Store) -> None:
     store.close()
 
 
-def _state(value: Optional[str]) -> Optional[int]:
-    if value is None:
-        return None
-    try:
-        n = int(value.strip())
-    except ValueError:
-        return S.UNKNOWN
-    return n if 0 <= n <= 8 else S.UNKNOWN
-
-
 def _write_changed(t: XenStoreOps, path: str, nodes: Dict[str, str]) -> List[str]:
     """Write the nodes of ``nodes`` whose value differs (a watch fires on every
     write, changed or not); which were written."""
@@ -272,9 +262,9 @@ class Device:
         if self._frontend:
             paths.append(f"{self._frontend}/{xb.STATE}")
         values = self.ctx.xs.read_many(paths)
-        b = _state(values[0])
+        b = xb.parse_state(values[0])
         online = (values[1] or "0").strip() == "1"
-        f = _state(values[2]) if self._frontend else None
+        f = xb.parse_state(values[2]) if self._frontend else None
         return b, f, online
 
     def _evaluate(self) -> None:
