@@ -318,18 +318,18 @@ REQUIRED_DISK_NODES = (SECTORS, INFO, SECTOR_SIZE_KEY)
 class DiskInfo:
     """What the backend published at connect time, as a frontend read it."""
 
-    sectors: int = 0
-    sector_size: int = SECTOR_SIZE
-    physical_sector_size: int = SECTOR_SIZE
-    info: int = 0
-    flush: bool = False
-    barrier: bool = False
-    discard: bool = False
-    discard_granularity: int = 0
-    discard_alignment: int = 0
-    discard_secure: bool = False
-    persistent: bool = False
-    max_indirect_segments: int = 0
+    sectors: int = 0  # ``sectors``: the size in 512-byte sectors
+    sector_size: int = SECTOR_SIZE  # ``sector-size``: logical block size
+    physical_sector_size: int = SECTOR_SIZE  # ``physical-sector-size``
+    info: int = 0  # ``info``: VDISK_* flags
+    flush: bool = False  # ``feature-flush-cache``
+    barrier: bool = False  # ``feature-barrier``
+    discard: bool = False  # ``feature-discard``; the next three only with it
+    discard_granularity: int = 0  # ``discard-granularity``
+    discard_alignment: int = 0  # ``discard-alignment``
+    discard_secure: bool = False  # ``discard-secure``
+    persistent: bool = False  # ``feature-persistent``
+    max_indirect_segments: int = 0  # ``feature-max-indirect-segments`` (0: none)
 
     @property
     def readonly(self) -> bool:
