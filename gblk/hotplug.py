@@ -44,7 +44,7 @@ import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from gblk.blkif.const import XenbusState
-from gblk.blkif.xenbus import HOTPLUG_ERROR, HOTPLUG_STATUS, STATE
+from gblk.blkif.xenbus import HOTPLUG_ERROR, HOTPLUG_STATUS, STATE, parse_state
 from gblk.errors import GblkError
 from gblk.xen.xs_simple import SimpleXenStore
 
@@ -92,13 +92,7 @@ def blkback_loaded(sys_module: str = "/sys/module/xen_blkback") -> bool:
 
 
 def _state(read: Read, path: str) -> Optional[int]:
-    text = read(f"{path}/{STATE}")
-    if text is None:
-        return None
-    try:
-        return int(text.strip())
-    except ValueError:
-        return 0
+    return parse_state(read(f"{path}/{STATE}"))
 
 
 def wait_taken(

@@ -1,6 +1,6 @@
 """Which requests a disk serves: the checks every backend must make before IO.
 
-Raises ``InvalidRequest`` with a reason from ``gblk.engine.stats.REASONS``; the
+Raises ``InvalidRequest`` with a reason from ``gblk.blkif.reasons.REASONS``; the
 reason ``unsupported_op`` is answered EOPNOTSUPP, every other one ERROR.
 """
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple
 
 from ..errors import InvalidRequest
+from . import reasons as R
 from .abi import Request
 from .const import (
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
@@ -22,7 +23,7 @@ from .const import (
     Status,
 )
 
-UNSUPPORTED = "unsupported_op"
+UNSUPPORTED = R.UNSUPPORTED_OP  # answered EOPNOTSUPP, every other reason ERROR
 
 
 @dataclass(frozen=True)
@@ -55,21 +56,21 @@ def check_header(req: Request, lim: DiskLimits) -> None:
     n = req.nr_segments
     if op == Op.READ or op == Op.WRITE:
         if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise InvalidRequest("invalid_segment_count", f"{n} segments")
+            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} segments")
         if op == Op.WRITE and lim.readonly:
-            raise InvalidRequest("read_only", "write to a read-only disk")
+            raise InvalidRequest(R.READ_ONLY, "write to a read-only disk")
     elif op == Op.WRITE_BARRIER or op == Op.FLUSH_DISKCACHE:
         if (op == Op.WRITE_BARRIER and not lim.barrier) or (
             op == Op.FLUSH_DISKCACHE and not lim.flush
         ):
             raise InvalidRequest(UNSUPPORTED, f"op {op} not offered")
         if n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise InvalidRequest("invalid_segment_count", f"{n} segments")
+            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} segments")
         if n and lim.readonly:
-            raise InvalidRequest("read_only", "flush with data to a read-only disk")
+            raise InvalidRequest(R.READ_ONLY, "flush with data to a read-only disk")
     elif op == Op.DISCARD:
         if lim.readonly:  # refused as an error even though never offered (XSA-142)
-            raise InvalidRequest("read_only", "discard on a read-only disk")
+            raise InvalidRequest(R.READ_ONLY, "discard on a read-only disk")
         if not lim.discard or (req.flag & 1 and not lim.discard_secure):
             raise InvalidRequest(UNSUPPORTED, "discard not offered")
         check_range(req.sector_number, req.nr_sectors, lim)
@@ -77,11 +78,11 @@ def check_header(req: Request, lim: DiskLimits) -> None:
         if not lim.max_indirect_segments:
             raise InvalidRequest(UNSUPPORTED, "indirect not offered")
         if req.indirect_op not in (Op.READ, Op.WRITE):
-            raise InvalidRequest("invalid_indirect", f"indirect_op {req.indirect_op}")
+            raise InvalidRequest(R.INVALID_INDIRECT, f"indirect_op {req.indirect_op}")
         if not 1 <= n <= min(lim.max_indirect_segments, MAX_INDIRECT_SEGMENTS):
-            raise InvalidRequest("invalid_segment_count", f"{n} indirect segments")
+            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} indirect segments")
         if req.indirect_op == Op.WRITE and lim.readonly:
-            raise InvalidRequest("read_only", "write to a read-only disk")
+            raise InvalidRequest(R.READ_ONLY, "write to a read-only disk")
     else:
         raise InvalidRequest(UNSUPPORTED, f"op {op}")
 
@@ -101,9 +102,9 @@ def check_segments(sector: int, segments: Sequence[Tuple[int, int, int]], lim: D
     align = lim.sector_size // SECTOR_SIZE - 1  # in 512-byte sectors
     for _, first, last in segments:
         if first > last or last >= SECTORS_PER_PAGE:
-            raise InvalidRequest("invalid_segment", f"sectors {first}..{last}")
+            raise InvalidRequest(R.INVALID_SEGMENT, f"sectors {first}..{last}")
         if align and (first & align or (last + 1) & align):
-            raise InvalidRequest("invalid_segment", "segment not aligned to sector-size")
+            raise InvalidRequest(R.INVALID_SEGMENT, "segment not aligned to sector-size")
         total += last - first + 1
     check_range(sector, total, lim)
     return total
@@ -113,6 +114,6 @@ def check_range(sector: int, count: int, lim: DiskLimits) -> None:
     """Reject wrap-around, misalignment and anything past the end of the disk."""
     align = lim.sector_size // SECTOR_SIZE - 1
     if sector + count > lim.sectors or sector + count < sector:
-        raise InvalidRequest("invalid_range", f"sectors {sector}+{count} of {lim.sectors}")
+        raise InvalidRequest(R.INVALID_RANGE, f"sectors {sector}+{count} of {lim.sectors}")
     if align and (sector & align or count & align):
-        raise InvalidRequest("invalid_range", "range not aligned to sector-size")
+        raise InvalidRequest(R.INVALID_RANGE, "range not aligned to sector-size")

@@ -1,4 +1,18 @@
-"""XenStore node names of a blkif device and the negotiation they carry.
+"""XenStore node names of a blkif device and the negotiation they carry, both halves.
+
+The schema, as mirage-block-xen's protocol module holds it, in both directions:
+
+- the frontend's nodes as a frontend writes them (``frontend_nodes`` for a
+  ``RingSetup``; ``stale_frontend_node`` names what an earlier connection left) and as
+  the backend reads them (``parse_frontend`` -> ``FrontendParams``);
+- the backend's nodes as the backend writes them (``early_nodes`` for an ``Offer``
+  before InitWait, ``connect_nodes`` before Connected) and as a frontend reads them
+  (``parse_offer`` -> ``SeenOffer``, ``parse_disk`` -> ``DiskInfo``);
+- a ``state`` node, whoever wrote it, as anyone reads it (``parse_state``).
+
+The daemon's device (``gblk.device.device``) and the simulated guest
+(``gblk.sim.frontend``) both use these, so what one writes the other parses by the
+same definition (tests/unit/test_blkif_xenbus.py checks the round trips).
 
 Pure: callers pass a ``read(key) -> Optional[str]`` over one directory, so this is
 testable with a dict. Names are exactly those of blkif.h (docs/protocol.md §1).
@@ -11,7 +25,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import NegotiationError
 from .abi import Abi, abi_for_protocol
-from .const import MAX_RING_PAGE_ORDER
+from .const import (
+    MAX_RING_PAGE_ORDER,
+    SECTOR_SIZE,
+    VDISK_CDROM,
+    VDISK_READONLY,
+    VDISK_REMOVABLE,
+    XenbusState,
+)
 
 # --- written by the toolstack into the backend directory ---------------------------
 FRONTEND = "frontend"
@@ -47,6 +68,9 @@ RING_PAGE_ORDER = "ring-page-order"
 EVENT_CHANNEL = "event-channel"
 PROTOCOL = "protocol"
 MULTI_QUEUE_NUM_QUEUES = "multi-queue-num-queues"
+#: a multi-queue frontend writes each queue's nodes under ``queue-<n>/``
+QUEUE_DIR = "queue-"
+# --- written by the toolstack into the frontend directory ----------------------------
 BACKEND = "backend"
 BACKEND_ID = "backend-id"
 VIRTUAL_DEVICE = "virtual-device"
@@ -97,6 +121,25 @@ def parse_bool(value: Optional[str], default: bool = False) -> bool:
     if value is None:
         return default
     return value.strip() not in ("", "0")
+
+
+def parse_state(value: Optional[str]) -> Optional[int]:
+    """A ``state`` node as xenbus reads it: None when the node is missing, else the
+    XenbusState it holds; anything that is not one (not a number, outside 0..8) is
+    UNKNOWN, as Linux's xenbus_read_driver_state reads it."""
+    if value is None:
+        return None
+    try:
+        n = int(value.strip())
+    except ValueError:
+        return XenbusState.UNKNOWN
+    return n if 0 <= n <= XenbusState.RECONFIGURED else XenbusState.UNKNOWN
+
+
+def queue_dir(index: int) -> str:
+    """The directory (relative to the frontend's) of queue ``index`` when there are
+    several."""
+    return f"{QUEUE_DIR}{index}"
 
 
 def _queue(read: Read, prefix: str, order: int) -> QueueSpec:
@@ -167,12 +210,165 @@ def parse_frontend(read: Read, offer: Offer,
             got.fetch(_queue_keys("", order))
             queues = (_queue(read, "", order),)  # Linux writes one queue the old way
         else:
-            got.fetch([k for i in range(nq) for k in _queue_keys(f"queue-{i}/", order)])
-            queues = tuple(_queue(read, f"queue-{i}/", order) for i in range(nq))
+            got.fetch([k for i in range(nq) for k in _queue_keys(f"{queue_dir(i)}/", order)])
+            queues = tuple(_queue(read, f"{queue_dir(i)}/", order) for i in range(nq))
     persistent = offer.persistent and parse_bool(read(FEATURE_PERSISTENT))
     return FrontendParams(abi, order, queues, persistent)
 
 
+# --- the frontend's nodes as a frontend writes them ------------------------------------
+@dataclass(frozen=True)
+class RingSetup:
+    """What a frontend publishes before Initialised (blkfront's talk_to_blkback)."""
+
+    ring_page_order: int
+    queues: Tuple[QueueSpec, ...]
+    #: the ``protocol`` node; None: not written (the x86_32 layout)
+    protocol: Optional[str]
+    persistent: bool
+    #: order 0 written as ``ring-ref`` (Linux), else as ``ring-page-order`` = 0 + ``ring-ref0``
+    legacy_ring_ref: bool = True
+
+
+def _ring_nodes(prefix: str, order: int, legacy: bool, q: QueueSpec) -> List[Tuple[str, str]]:
+    if order == 0 and legacy:
+        nodes = [(prefix + RING_REF, str(q.ring_refs[0]))]
+    else:
+        nodes = [(f"{prefix}{RING_REF}{i}", str(ref)) for i, ref in enumerate(q.ring_refs)]
+    return nodes + [(prefix + EVENT_CHANNEL, str(q.event_channel))]
+
+
+def frontend_nodes(setup: RingSetup) -> List[Tuple[str, str]]:
+    """The (key, value) pairs a frontend writes in its transaction, keys relative to
+    its directory, in blkfront's order: the ring references and event channel (one
+    queue: at the top; several: ``multi-queue-num-queues`` then each queue under
+    ``queue-<n>/``), ``ring-page-order`` (unless order 0 the legacy way),
+    ``protocol`` (if any), ``feature-persistent``. ``parse_frontend`` reads them back."""
+    order, legacy = setup.ring_page_order, setup.legacy_ring_ref
+    if len(setup.queues) == 1:
+        nodes = _ring_nodes("", order, legacy, setup.queues[0])
+    else:
+        nodes = [(MULTI_QUEUE_NUM_QUEUES, str(len(setup.queues)))]
+        for i, q in enumerate(setup.queues):
+            nodes += _ring_nodes(f"{queue_dir(i)}/", order, legacy, q)
+    if order > 0 or not legacy:
+        nodes.append((RING_PAGE_ORDER, str(order)))
+    if setup.protocol is not None:
+        nodes.append((PROTOCOL, setup.protocol))
+    nodes.append((FEATURE_PERSISTENT, "1" if setup.persistent else "0"))
+    return nodes
+
+
+def stale_frontend_node(name: str) -> bool:
+    """A node of the frontend directory an earlier connection wrote that must not
+    mislead the backend: a frontend removes these before writing ``frontend_nodes``
+    (and ``protocol`` too when it writes none)."""
+    return (name.startswith(RING_REF) or name.startswith(QUEUE_DIR)
+            or name in (MULTI_QUEUE_NUM_QUEUES, RING_PAGE_ORDER, EVENT_CHANNEL))
+
+
+# --- the backend's nodes as a frontend reads them --------------------------------------
+def scan_int(value: Optional[str], default: int) -> int:
+    """A backend node as blkfront's xenbus_scanf reads it: ``default`` when it is
+    missing or not a number."""
+    if value is None:
+        return default
+    try:
+        return int(value.strip())
+    except ValueError:
+        return default
+
+
+#: what a frontend reads of the backend before it sets up its rings (``early_nodes``)
+OFFER_NODES = (MAX_RING_PAGE_ORDER_KEY, MULTI_QUEUE_MAX_QUEUES,
+               FEATURE_MAX_INDIRECT_SEGMENTS, FEATURE_PERSISTENT)
+
+
+@dataclass(frozen=True)
+class SeenOffer:
+    """What the backend offered before InitWait, as a frontend read it."""
+
+    max_ring_page_order: int = 0
+    max_queues: int = 1
+    max_indirect_segments: int = 0
+    persistent: bool = False
+
+
+def parse_offer(read: Read) -> SeenOffer:
+    """The ``OFFER_NODES`` as blkfront reads them (a missing node: not offered)."""
+    return SeenOffer(
+        scan_int(read(MAX_RING_PAGE_ORDER_KEY), 0),
+        scan_int(read(MULTI_QUEUE_MAX_QUEUES), 1),
+        scan_int(read(FEATURE_MAX_INDIRECT_SEGMENTS), 0),
+        scan_int(read(FEATURE_PERSISTENT), 0) != 0,
+    )
+
+
+#: what a frontend reads of the backend once it is Connected (``connect_nodes`` and
+#: the indirect segments of ``early_nodes``), in blkfront's order
+DISK_NODES = (SECTORS, INFO, SECTOR_SIZE_KEY, PHYSICAL_SECTOR_SIZE,
+              FEATURE_BARRIER, FEATURE_FLUSH_CACHE, FEATURE_DISCARD,
+              DISCARD_GRANULARITY, DISCARD_ALIGNMENT, DISCARD_SECURE,
+              FEATURE_PERSISTENT, FEATURE_MAX_INDIRECT_SEGMENTS)
+#: of those, a frontend cannot connect without these
+REQUIRED_DISK_NODES = (SECTORS, INFO, SECTOR_SIZE_KEY)
+
+
+@dataclass
+class DiskInfo:
+    """What the backend published at connect time, as a frontend read it."""
+
+    sectors: int = 0  # ``sectors``: the size in 512-byte sectors
+    sector_size: int = SECTOR_SIZE  # ``sector-size``: logical block size
+    physical_sector_size: int = SECTOR_SIZE  # ``physical-sector-size``
+    info: int = 0  # ``info``: VDISK_* flags
+    flush: bool = False  # ``feature-flush-cache``
+    barrier: bool = False  # ``feature-barrier``
+    discard: bool = False  # ``feature-discard``; the next three only with it
+    discard_granularity: int = 0  # ``discard-granularity``
+    discard_alignment: int = 0  # ``discard-alignment``
+    discard_secure: bool = False  # ``discard-secure``
+    persistent: bool = False  # ``feature-persistent``
+    max_indirect_segments: int = 0  # ``feature-max-indirect-segments`` (0: none)
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.info & VDISK_READONLY)
+
+    @property
+    def cdrom(self) -> bool:
+        return bool(self.info & VDISK_CDROM)
+
+    @property
+    def removable(self) -> bool:
+        return bool(self.info & VDISK_REMOVABLE)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.sectors * SECTOR_SIZE
+
+
+def parse_disk(read: Read) -> DiskInfo:
+    """The ``DISK_NODES`` as blkfront_connect and blkfront_gather_backend_features
+    read them (check ``REQUIRED_DISK_NODES`` first: a missing one reads as 0 here)."""
+    d = DiskInfo()
+    d.sectors = scan_int(read(SECTORS), 0)
+    d.info = scan_int(read(INFO), 0)
+    d.sector_size = scan_int(read(SECTOR_SIZE_KEY), SECTOR_SIZE) or SECTOR_SIZE
+    d.physical_sector_size = scan_int(read(PHYSICAL_SECTOR_SIZE), d.sector_size)
+    d.barrier = scan_int(read(FEATURE_BARRIER), 0) != 0
+    d.flush = scan_int(read(FEATURE_FLUSH_CACHE), 0) != 0
+    d.discard = scan_int(read(FEATURE_DISCARD), 0) != 0
+    if d.discard:
+        d.discard_granularity = scan_int(read(DISCARD_GRANULARITY), 0)
+        d.discard_alignment = scan_int(read(DISCARD_ALIGNMENT), 0)
+        d.discard_secure = scan_int(read(DISCARD_SECURE), 0) != 0
+    d.persistent = scan_int(read(FEATURE_PERSISTENT), 0) != 0
+    d.max_indirect_segments = scan_int(read(FEATURE_MAX_INDIRECT_SEGMENTS), 0)
+    return d
+
+
+# --- the toolstack's nodes, and the backend's as it writes them ------------------------
 def parse_params(kind: str, params: str) -> Tuple[str, str]:
     """``params`` as libxl writes it -> (format, path). ``vbd``: a plain path;
     ``qdisk``/``vbd3``: ``<format>:<path>`` (``aio`` means raw); a plain absolute path

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 import gevent
 import gevent.lock
 
+from ..blkif import reasons as R
 from ..blkif import xenbus as xb
 from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE
 from ..blkif.const import XenbusState as S
@@ -76,16 +77,6 @@ class DeviceContext:
 def _close_store(store: Store) -> None:
     """In the control pool: close a store whose open returned after its deadline."""
     store.close()
-
-
-def _state(value: Optional[str]) -> Optional[int]:
-    if value is None:
-        return None
-    try:
-        n = int(value.strip())
-    except ValueError:
-        return S.UNKNOWN
-    return n if 0 <= n <= 8 else S.UNKNOWN
 
 
 def _write_changed(t: XenStoreOps, path: str, nodes: Dict[str, str]) -> List[str]:
@@ -210,7 +201,7 @@ class Device:
 
     def _crashed(self, g: gevent.Greenlet) -> None:
         self.log.error("device failed: %r; releasing it", g.exception)
-        self.stats.errors["device_failed"] += 1
+        self.stats.errors[R.DEVICE_FAILED] += 1
         try:
             self._release(self.ctx.stop_timeout)
         finally:
@@ -295,9 +286,9 @@ class Device:
         if self._frontend:
             paths.append(f"{self._frontend}/{xb.STATE}")
         values = self.ctx.xs.read_many(paths)
-        b = _state(values[0])
+        b = xb.parse_state(values[0])
         online = (values[1] or "0").strip() == "1"
-        f = _state(values[2]) if self._frontend else None
+        f = xb.parse_state(values[2]) if self._frontend else None
         return b, f, online
 
     def _evaluate(self) -> None:
@@ -345,7 +336,7 @@ class Device:
 
     def _fail(self, message: str, f: Optional[int], online: bool) -> None:
         self.log.error("%s", message)
-        self.stats.errors["device_failed"] += 1
+        self.stats.errors[R.DEVICE_FAILED] += 1
         self._failed_on = (f, online)
         self._stop_rings(self.ctx.stop_timeout)
         try:
@@ -541,7 +532,7 @@ class Device:
             st.nbd_state = m["state"]
         new_errors = m["connection_errors"] - st.nbd_connection_errors
         if new_errors > 0:
-            st.errors["nbd_connection"] += new_errors
+            st.errors[R.NBD_CONNECTION] += new_errors
             if m["state"] == "connected":
                 self.log.warning("NBD connection lost and re-established (%s)", m["last_error"])
         if m["lost_writes"] > st.nbd_unflushed_lost:

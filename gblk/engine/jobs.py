@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..blkif import reasons as R
 from ..blkif.abi import Segment
 from ..blkif.const import SECTOR_SHIFT, Op
 from ..blkif.validate import DiskLimits, check_segments, indirect_pages
@@ -67,9 +68,9 @@ def _descriptors(ctx: JobContext, refs: Sequence[int], nr_segments: int,
     try:
         out.segments = ctx.pages.descriptors(refs, nr_segments, cached, out)
     except _pages.CopyError as e:
-        out.fail("grant_copy", str(e))
+        out.fail(R.GRANT_COPY, str(e))
     except GrantError as e:
-        out.fail("grant_map", str(e))
+        out.fail(R.GRANT_MAP, str(e))
     if out.status != 0:
         _pages.release([], out)  # a failed request caches nothing
         return False

@@ -23,6 +23,7 @@ import errno
 import mmap
 from typing import Dict, List, Sequence, Tuple, Union
 
+from ..blkif import reasons as R
 from ..blkif.abi import Segment, parse_indirect_segments
 from ..blkif.const import SECTOR_SHIFT, Op, Status
 from ..errors import GrantError
@@ -68,7 +69,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 def io_reason(e: OSError) -> str:
     """The error reason a failed store call counts under: ``no_space`` (ENOSPC,
     EDQUOT) or ``io_error`` (everything else)."""
-    return "no_space" if e.errno in _NO_SPACE else "io_error"
+    return R.NO_SPACE if e.errno in _NO_SPACE else R.IO_ERROR
 
 
 def io_failed(out: "Outcome", e: OSError) -> "Outcome":
@@ -110,7 +111,7 @@ def release(mappings: List[GrantMapping], out: Outcome) -> None:
             m.unmap()
             out.unmaps += n
         except GrantError as e:
-            out.fail("grant_map", f"unmap failed: {e}")
+            out.fail(R.GRANT_MAP, f"unmap failed: {e}")
 
 
 class PageSource(abc.ABC):
@@ -162,7 +163,7 @@ class MapPages(PageSource):
             self._transfer(op, slices(pages, segments), offset)
             out.nbytes = nbytes(segments)
         except GrantError as e:
-            out.fail("grant_map", str(e))
+            out.fail(R.GRANT_MAP, str(e))
         finally:
             # unmap before the response is published: the frontend reclaims the page
             # as soon as it sees the response
@@ -273,11 +274,11 @@ class CopyPages(PageSource):
                 out.copies += len(copies)
                 bad = [st for st in statuses if st]
                 if bad:
-                    out.fail("grant_copy", f"grant copy status {bad[0]}")
+                    out.fail(R.GRANT_COPY, f"grant copy status {bad[0]}")
                 else:
                     out.nbytes = total
             except GrantError as e:
-                out.fail("grant_copy", str(e))
+                out.fail(R.GRANT_COPY, str(e))
         finally:
             for c in copies:
                 c.local.release()

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 import gevent
 import gevent.event
 
+from ..blkif import reasons as R
 from ..blkif.abi import Segment, indirect_segment_tuples
 from ..blkif.const import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
@@ -266,7 +267,7 @@ class RingWorker:
                                          ring_map.unmap)
                     self.stats.grant_unmaps += len(self.ring_refs)
                 except GblkError as e:  # counted and logged: a leak, but the device goes
-                    self.stats.errors["grant_map"] += 1
+                    self.stats.errors[R.GRANT_MAP] += 1
                     self.dp.log.error("%s", e)
 
     def _crashed(self, g: gevent.Greenlet) -> None:
@@ -353,7 +354,7 @@ class RingWorker:
         st = self.stats
         if not st.halted:
             st.halted = True
-            st.errors["ring_halted"] += 1
+            st.errors[R.RING_HALTED] += 1
             self.dp.log.error("queue %d: ring halted, frontend broke the ring: %s", self.queue, why)
 
     # -- taking requests ------------------------------------------------------------
@@ -453,11 +454,11 @@ class RingWorker:
         f = dp.abi.rw.unpack_from(block, off)
         n = f[1]
         if not 1 <= n <= _MAX_SEGS:
-            self._finish(slot, Status.ERROR, "invalid_segment_count", f"{n} segments")
+            self._finish(slot, Status.ERROR, R.INVALID_SEGMENT_COUNT, f"{n} segments")
             return
         lim = dp.job.limits
         if op == _WRITE and lim.readonly:
-            self._finish(slot, Status.ERROR, "read_only", "write to a read-only disk")
+            self._finish(slot, Status.ERROR, R.READ_ONLY, "write to a read-only disk")
             return
         sector = f[4]
         segs = [Segment(f[5 + 3 * i], f[6 + 3 * i], f[7 + 3 * i]) for i in range(n)]
@@ -622,7 +623,7 @@ class RingWorker:
                 self._pgrants.release(pinned)
         if isinstance(out, BaseException):  # a bug in a job, not the guest's doing
             self.dp.log.error("queue %d: job failed: %r", self.queue, out)
-            self._finish(slot, Status.ERROR, "io_error", repr(out))
+            self._finish(slot, Status.ERROR, R.IO_ERROR, repr(out))
             return
         st.grant_maps += out.maps
         st.grant_unmaps += out.unmaps
@@ -773,7 +774,7 @@ class RingWorker:
 
     def _unmapped(self, errors: List[str]) -> None:
         for e in errors:  # counted and logged: a grant we could not unmap is a leak
-            self.stats.errors["grant_map"] += 1
+            self.stats.errors[R.GRANT_MAP] += 1
             self.dp.log.error("queue %d: unmapping a persistent grant failed: %s", self.queue, e)
 
     def _update_pgrant_gauge(self) -> None:

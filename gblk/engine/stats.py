@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import DefaultDict, Dict, List, Sequence, Tuple
 
+from ..blkif import reasons
+
 #: seconds; from a 4 KiB random read on a fast store to 1 MiB sequential on a slow one
 LATENCY_BUCKETS: Tuple[float, ...] = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -23,26 +25,10 @@ BATCH_BUCKETS: Tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 #: op labels (the effective op: an INDIRECT request counts as its indirect_op)
 OPS = ("read", "write", "barrier", "flush", "discard", "unsupported")
 
-#: error reasons (low cardinality: these and nothing else)
-REASONS = (
-    "invalid_segment_count",  # nr_segments out of range
-    "invalid_segment",  # first_sect > last_sect, last_sect > 7
-    "invalid_range",  # wrap-around or past the end of the disk
-    "invalid_indirect",  # bad indirect_op / indirect page contents
-    "read_only",  # write/flush-with-data/discard on mode=r or cdrom
-    "unsupported_op",  # answered EOPNOTSUPP
-    "io_error",  # the backing store failed
-    "no_space",  # the backing store is full (ENOSPC, EDQUOT)
-    "grant_map",  # a grant could not be mapped
-    "grant_copy",  # a grant copy segment failed
-    "ring_halted",  # bogus producer index: ring stopped
-)
-
-#: device-level error reasons (DeviceStats.errors)
-DEVICE_REASONS = (
-    "device_failed",  # storage could not be opened, negotiation failed, a ring failed
-    "nbd_connection",  # an NBD-served disk lost its connection (or could not reconnect)
-)
+#: error reasons (low cardinality: these and nothing else; named in gblk.blkif.reasons)
+#: and the device-level ones (DeviceStats.errors)
+REASONS = reasons.REASONS
+DEVICE_REASONS = reasons.DEVICE_REASONS
 
 
 class Histogram:

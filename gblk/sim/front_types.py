@@ -1,5 +1,6 @@
 """The simulated frontend's public value types: options, what it negotiated and
-read, the results of IO, its counters and its errors.
+read, the results of IO, its counters and its errors. What it read of the backend
+(``DiskInfo``, ``Offer``) is blkif's schema (``gblk.blkif.xenbus``), re-exported.
 
 Pure data (dataclasses): no gevent, no IO. ``gblk.sim.frontend`` re-exports all of
 them; import them from there.
@@ -10,12 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from ..blkif.const import SECTOR_SIZE, VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE, Status
+from ..blkif.const import SECTOR_SIZE, Status
+from ..blkif.xenbus import DiskInfo as DiskInfo
+from ..blkif.xenbus import SeenOffer
 from ..errors import GblkError
 from .front_verify import Mismatch
 
 #: XEN_IO_PROTO_ABI_NATIVE of an x86_64 Linux guest
 NATIVE_PROTOCOL = "x86_64-abi"
+
+#: what the backend offered before InitWait, as this frontend read it
+Offer = SeenOffer
 
 
 class FrontendError(GblkError):
@@ -74,50 +80,6 @@ class FrontendOptions:
     timeout: float = 30.0
     #: seconds a synchronous IO helper waits for its answer
     io_timeout: float = 60.0
-
-
-@dataclass
-class DiskInfo:
-    """What the backend published at connect time."""
-
-    sectors: int = 0
-    sector_size: int = SECTOR_SIZE
-    physical_sector_size: int = SECTOR_SIZE
-    info: int = 0
-    flush: bool = False
-    barrier: bool = False
-    discard: bool = False
-    discard_granularity: int = 0
-    discard_alignment: int = 0
-    discard_secure: bool = False
-    persistent: bool = False
-    max_indirect_segments: int = 0
-
-    @property
-    def readonly(self) -> bool:
-        return bool(self.info & VDISK_READONLY)
-
-    @property
-    def cdrom(self) -> bool:
-        return bool(self.info & VDISK_CDROM)
-
-    @property
-    def removable(self) -> bool:
-        return bool(self.info & VDISK_REMOVABLE)
-
-    @property
-    def size_bytes(self) -> int:
-        return self.sectors * SECTOR_SIZE
-
-
-@dataclass
-class Offer:
-    """What the backend offered before InitWait (as this frontend read it)."""
-
-    max_ring_page_order: int = 0
-    max_queues: int = 1
-    max_indirect_segments: int = 0
-    persistent: bool = False
 
 
 @dataclass

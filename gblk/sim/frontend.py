@@ -252,24 +252,8 @@ class Frontend(FrontendHooks):
             return {k: self._be_read(k) for k in keys}  # the directory went: one by one
         return dict(zip(keys, values))
 
-    def _be_uint(self, key: str, default: int = 0,
-                 values: Optional[Dict[str, Optional[str]]] = None) -> int:
-        value = values[key] if values is not None and key in values else self._be_read(key)
-        if value is None:
-            return default
-        try:
-            return int(value.strip())
-        except ValueError:
-            return default
-
     def backend_state(self) -> Optional[int]:
-        value = self._be_read(xb.STATE) if self.backend_path else None
-        if value is None:
-            return None
-        try:
-            return int(value.strip())
-        except ValueError:
-            return None
+        return xb.parse_state(self._be_read(xb.STATE) if self.backend_path else None)
 
     def _set_state(self, state: int) -> None:
         self.xs.write(f"{self.path}/{xb.STATE}", str(int(state)))
@@ -369,15 +353,10 @@ class Frontend(FrontendHooks):
         return self
 
     def _read_offer(self) -> None:
-        got = self._be_read_many([xb.MAX_RING_PAGE_ORDER_KEY, xb.MULTI_QUEUE_MAX_QUEUES,
-                                  xb.FEATURE_MAX_INDIRECT_SEGMENTS, xb.FEATURE_PERSISTENT])
-        order = self._be_uint(xb.MAX_RING_PAGE_ORDER_KEY, 0, got)
-        queues = self._be_uint(xb.MULTI_QUEUE_MAX_QUEUES, 1, got)
-        indirect = self._be_uint(xb.FEATURE_MAX_INDIRECT_SEGMENTS, 0, got)
-        persistent = self._be_uint(xb.FEATURE_PERSISTENT, 0, got) != 0
-        self.offer = Offer(order, queues, indirect, persistent)
-        self.ring_page_order = max(0, min(order, self.options.max_ring_page_order))
-        self.nr_queues = max(1, min(queues, self.options.max_queues))
+        self.offer = xb.parse_offer(self._be_read_many(xb.OFFER_NODES).get)
+        self.ring_page_order = max(0, min(self.offer.max_ring_page_order,
+                                          self.options.max_ring_page_order))
+        self.nr_queues = max(1, min(self.offer.max_queues, self.options.max_queues))
 
     def _setup_rings(self) -> None:
         self.abi = abi_for_protocol(self.options.protocol)
@@ -402,72 +381,34 @@ class Frontend(FrontendHooks):
             q.start()
 
     def _write_ring_nodes(self) -> None:
-        order = self.ring_page_order
-        queues = self.queues
         opts = self.options
-
-        def per_ring(writes: List[Tuple[str, str]], prefix: str, q: FrontQueue) -> None:
-            if order == 0 and opts.legacy_ring_ref:
-                writes.append((f"{prefix}/{xb.RING_REF}", str(q.ring_refs[0])))
-            else:
-                for i, ref in enumerate(q.ring_refs):
-                    writes.append((f"{prefix}/{xb.RING_REF}{i}", str(ref)))
-            writes.append((f"{prefix}/{xb.EVENT_CHANNEL}", str(q.port)))
+        setup = xb.RingSetup(
+            self.ring_page_order,
+            tuple(xb.QueueSpec(tuple(q.ring_refs), q.port) for q in self.queues),
+            opts.protocol, opts.persistent, opts.legacy_ring_ref)
 
         def fn(tx: XenStoreOps) -> None:
             # nodes of an earlier connection must not mislead the backend
             for name in tx.directory(self.path):
-                if (name.startswith(xb.RING_REF) or name.startswith("queue-")
-                        or name in (xb.MULTI_QUEUE_NUM_QUEUES, xb.RING_PAGE_ORDER,
-                                    xb.EVENT_CHANNEL)):
+                if xb.stale_frontend_node(name):
                     tx.rm(f"{self.path}/{name}")
             if opts.protocol is None:
                 tx.rm(f"{self.path}/{xb.PROTOCOL}")
             # blkfront writes these one after another in its transaction; the simulated
             # guest sends them all at once (the same nodes when it commits)
-            writes: List[Tuple[str, str]] = []
-            if len(queues) == 1:
-                per_ring(writes, self.path, queues[0])
-            else:
-                writes.append((f"{self.path}/{xb.MULTI_QUEUE_NUM_QUEUES}", str(len(queues))))
-                for q in queues:
-                    per_ring(writes, f"{self.path}/queue-{q.index}", q)
-            if order > 0 or not opts.legacy_ring_ref:
-                writes.append((f"{self.path}/{xb.RING_PAGE_ORDER}", str(order)))
-            if opts.protocol is not None:
-                writes.append((f"{self.path}/{xb.PROTOCOL}", opts.protocol))
-            writes.append((f"{self.path}/{xb.FEATURE_PERSISTENT}",
-                           "1" if opts.persistent else "0"))
-            tx.write_many(writes)
+            tx.write_many([(f"{self.path}/{k}", v) for k, v in xb.frontend_nodes(setup)])
 
         self.xs.transaction(fn)
 
     def _read_disk(self) -> None:
         """blkfront_connect + blkfront_gather_backend_features."""
-        got = self._be_read_many([
-            xb.SECTORS, xb.INFO, xb.SECTOR_SIZE_KEY, xb.PHYSICAL_SECTOR_SIZE,
-            xb.FEATURE_BARRIER, xb.FEATURE_FLUSH_CACHE, xb.FEATURE_DISCARD,
-            xb.DISCARD_GRANULARITY, xb.DISCARD_ALIGNMENT, xb.DISCARD_SECURE,
-            xb.FEATURE_PERSISTENT, xb.FEATURE_MAX_INDIRECT_SEGMENTS])
-        missing = [k for k in (xb.SECTORS, xb.INFO, xb.SECTOR_SIZE_KEY) if got[k] is None]
+        got = self._be_read_many(xb.DISK_NODES)
+        missing = [k for k in xb.REQUIRED_DISK_NODES if got[k] is None]
         if missing:
             raise FrontendError(f"d{self.domid}/{self.devid}: backend did not write "
                                 f"{', '.join(missing)}")
-        d = DiskInfo()
-        d.sectors = self._be_uint(xb.SECTORS, 0, got)
-        d.info = self._be_uint(xb.INFO, 0, got)
-        d.sector_size = self._be_uint(xb.SECTOR_SIZE_KEY, SECTOR_SIZE, got) or SECTOR_SIZE
-        d.physical_sector_size = self._be_uint(xb.PHYSICAL_SECTOR_SIZE, d.sector_size, got)
-        d.barrier = self._be_uint(xb.FEATURE_BARRIER, 0, got) != 0
-        d.flush = self._be_uint(xb.FEATURE_FLUSH_CACHE, 0, got) != 0
-        d.discard = self._be_uint(xb.FEATURE_DISCARD, 0, got) != 0
-        if d.discard:
-            d.discard_granularity = self._be_uint(xb.DISCARD_GRANULARITY, 0, got)
-            d.discard_alignment = self._be_uint(xb.DISCARD_ALIGNMENT, 0, got)
-            d.discard_secure = self._be_uint(xb.DISCARD_SECURE, 0, got) != 0
-        d.persistent = self._be_uint(xb.FEATURE_PERSISTENT, 0, got) != 0
-        indirect = self._be_uint(xb.FEATURE_MAX_INDIRECT_SEGMENTS, 0, got)
-        d.max_indirect_segments = indirect
+        d = xb.parse_disk(got.get)
+        indirect = d.max_indirect_segments
         self.disk = d
         self.persistent = self.options.persistent and d.persistent
         indirect = min(indirect, self.options.max_indirect_segments,

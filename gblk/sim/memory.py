@@ -59,10 +59,10 @@ import struct
 import uuid
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
+from gblk.blkif.const import PAGE_SIZE as PAGE_SIZE  # re-exported for the simulated host
+
 # the simulated host's locks work between real threads (gevent's threadpool maps grants)
 from gblk.xen.native import native_lock
-
-PAGE_SIZE = 4096
 
 # grant_entry_v1 flags (xen/include/public/grant_table.h)
 GTF_invalid = 0

@@ -466,7 +466,7 @@ class Toolstack:
 
     def backend_state(self, domid: int, devid: int = DEFAULT_DEVID) -> Optional[int]:
         disk = self.find_disk(domid, devid)
-        return _int_or_none(self.xs.read(disk.backend_path + "/" + xb.STATE))
+        return xb.parse_state(self.xs.read(disk.backend_path + "/" + xb.STATE))
 
     def wait_state(self, path: str, states: Sequence[int], timeout: float,
                    missing_ok: bool = False) -> Optional[int]:
@@ -477,7 +477,7 @@ class Toolstack:
         try:
             deadline = time.monotonic() + timeout
             while True:
-                value = _int_or_none(self.xs.read(path))
+                value = xb.parse_state(self.xs.read(path))
                 if value is None and missing_ok:
                     return -1
                 if value in wanted:
@@ -488,15 +488,6 @@ class Toolstack:
                 sub.get(timeout=left)
         finally:
             sub.close()
-
-
-def _int_or_none(value: Optional[str]) -> Optional[int]:
-    if value is None:
-        return None
-    try:
-        return int(value.strip())
-    except ValueError:
-        return None
 
 
 def _path_cleanup(tx: XenStoreOps, path: str) -> None:

@@ -16,7 +16,7 @@ import abc
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-PAGE_SIZE = 4096
+from ..blkif.const import PAGE_SIZE as PAGE_SIZE  # one page of a grant (defined once there)
 
 # GNTST_* status codes (xen/include/public/grant_table.h)
 GNTST_okay = 0
