@@ -169,7 +169,8 @@ def gone(env: Env, g: Faulty) -> None:
 
 # ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("error,reason,grants", [("EIO", "io_error", "persistent"),
-                                                ("ENOSPC", "no_space", "map")])
+                                                ("ENOSPC", "no_space", "map"),
+                                                ("EDQUOT", "no_space", "copy")])
 def test_write_errors_fail_exactly_the_requests_that_hit_them(env, error, reason, grants):
     """16 writes in flight at once, 4 of them over the faulty sectors: those 4 get
     ERROR and are counted under the fault's reason, the other 12 are OKAY and in the
