@@ -64,12 +64,24 @@ class Restarter:
             self.env = {k: v for k, v in self.env.items() if k != CRASH_ENV}
             self.restart_once()
 
+    @property
+    def running(self) -> bool:
+        """Kills are still coming: started, not stopped, not failed."""
+        g = self._greenlet
+        return g is not None and not g.dead and self.failure is None
+
     def _run(self) -> None:
-        while self.failure is None:
-            at = self.rnd.uniform(0.0, self.every)
-            self._sleep_unless_dead(at)
-            self.restart_once()
-            self._sleep_unless_dead(max(0.0, self.every - at))
+        try:
+            while self.failure is None:
+                at = self.rnd.uniform(0.0, self.every)
+                self._sleep_unless_dead(at)
+                self.restart_once()
+                self._sleep_unless_dead(max(0.0, self.every - at))
+        except gevent.GreenletExit:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failure to report, never a silent stop
+            log.exception("restarter failed")
+            self.failure = f"restarting the daemon failed: {e!r}"
 
     def _sleep_unless_dead(self, seconds: float) -> None:
         """Sleep, but not past the daemon's death (one that killed itself: the test

@@ -31,6 +31,7 @@ import gevent.event
 import pytest
 
 from gblk.blkif.const import XenbusState
+from gblk.blkif.ring import REQ_PROD, RSP_PROD
 from gblk.sim.host import SimHost, child_env
 from gblk.sim.restarts import Restarter
 from gblk.sim.workload import Workload, WorkloadConfig
@@ -43,6 +44,8 @@ SECTOR = 512
 ARGS = ["--kinds", "qdisk", "--no-metrics"]
 DISK = 64 * MiB
 HALF = DISK // SECTOR // 2
+#: a request still unanswered after this long is lost (a restart takes ~1 s)
+ANSWER_WITHIN = 60.0
 
 
 class FlushChecker:
@@ -71,10 +74,16 @@ class FlushChecker:
                 writes.append((sector, _stamped(self.rounds, sector, n)))
             results = [self.fe.submit_write(s, d) for s, d in writes]
             for (s, _), r in zip(writes, results):
-                res = r.get(timeout=60)
+                res = _answer(r)
+                if res is None:
+                    self._unanswered(f"write {s}")
+                    return
                 if not res.ok:
                     self.failures.append(f"write {s}: {res}")
-            flush = self.fe.submit_flush().get(timeout=60)
+            flush = _answer(self.fe.submit_flush())
+            if flush is None:
+                self._unanswered("flush")
+                return
             if not flush.ok:
                 self.failures.append(f"flush: {flush}")
                 continue
@@ -84,9 +93,32 @@ class FlushChecker:
                                          "a completed flush are not in the file")
             self.rounds += 1
 
+    def _unanswered(self, what: str) -> None:
+        """A request not answered in time: a lost one (or a stalled disk). Say which
+        requests the guest still waits for, for the post-mortem, and stop."""
+        waiting = [(q.index, hex(part.id), part.op, part.sector, part.index)
+                   for q in self.fe.queues for part in q.outstanding.values()]
+        self.failures.append(f"{what}: no answer in {ANSWER_WITHIN:.0f}s; outstanding "
+                             f"(queue, id, op, sector, ring index): {waiting}; rings "
+                             f"(req_prod, rsp_prod, req_prod_pvt, rsp_cons): "
+                             f"{[_indices(q.ring) for q in self.fe.queues]}")
+
+    @property
+    def running(self) -> bool:
+        return not self._g.dead
+
     def stop(self) -> None:
         self._stop.set()
-        self._g.get(timeout=120)
+        self._g.get(timeout=2 * ANSWER_WITHIN)
+
+
+def _answer(r: gevent.event.AsyncResult):
+    """The result, or None when nothing answered in ``ANSWER_WITHIN`` seconds."""
+    return r.get() if r.wait(ANSWER_WITHIN) else None
+
+
+def _indices(ring) -> tuple:
+    return (ring.idx[REQ_PROD], ring.idx[RSP_PROD], ring.req_prod_pvt, ring.rsp_cons)
 
 
 def _stamped(round_no: int, sector: int, n: int) -> bytes:
@@ -111,21 +143,23 @@ def _run_restarts(kills: int, every: float, crash: Optional[str], seed: int) -> 
         rs.start()
         try:
             with logs_on_failure(host.backend):
-                while rs.restarts < kills and rs.failure is None:
+                while rs.restarts < kills and rs.running and checker.running:
                     gevent.sleep(0.05)
                 rs.stop()
                 wl.stop(timeout=60)
                 checker.stop()
+                assert not checker.failures, checker.failures[:3]
+                assert rs.failure is None, rs.failure
         finally:
             rs.stop()
         stats = wl.stats
+        assert not checker.failures, checker.failures[:3]
         assert rs.failure is None, rs.failure
         assert rs.restarts >= kills
         assert stats.errors == 0, stats.errors_by_op
         assert stats.mismatches == 0
         assert fe.stats.protocol_violations == 0, fe.stats.violations  # duplicates, unknown ids
         assert fe.stats.lost == 0
-        assert not checker.failures, checker.failures[:3]
         assert checker.rounds > 0
         assert {"write", "read", "flush", "discard"} <= {k.split("_")[-1] for k in stats.by_op}
         # after all that, the disk is still the same connection, still served
