@@ -12,11 +12,11 @@ import struct
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 from ..errors import NegotiationError
+from . import ops
 from .const import (
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     SEGMENT_SIZE,
-    Op,
 )
 
 # struct blkif_request_segment: gref u32, first_sect u8, last_sect u8, 2 bytes of pad
@@ -109,7 +109,9 @@ class Abi:
     def parse_request(self, raw: bytes) -> Request:
         """Parse one private copy of a slot. Never raises on any 'raw' of req_size."""
         op = raw[0]
-        if op in (Op.READ, Op.WRITE, Op.WRITE_BARRIER, Op.FLUSH_DISKCACHE):
+        spec = ops.BY_CODE.get(op)
+        layout = spec.layout if spec is not None else None
+        if layout is ops.Layout.SEGMENTS:
             f = self.rw.unpack_from(raw)
             n = f[1]
             segs = tuple(
@@ -117,10 +119,10 @@ class Abi:
                 for i in range(min(n, BLKIF_MAX_SEGMENTS_PER_REQUEST))
             )
             return Request(op, f[3], n, f[2], f[4], segs)
-        if op == Op.DISCARD:
+        if layout is ops.Layout.DISCARD:
             _, flag, handle, rid, sector, nsec = self.discard.unpack_from(raw)
             return Request(op, rid, 0, handle, sector, nr_sectors=nsec, flag=flag)
-        if op == Op.INDIRECT:
+        if layout is ops.Layout.INDIRECT:
             f = self.indirect.unpack_from(raw)
             return Request(
                 op, f[3], f[2], f[5], f[4], indirect_op=f[1],
@@ -136,10 +138,12 @@ class Abi:
     # -- frontend side (the simulated guest) ---------------------------------------
     def pack_request(self, req: Request) -> bytes:
         op = req.operation
-        if op == Op.DISCARD:
+        spec = ops.BY_CODE.get(op)
+        layout = spec.layout if spec is not None else ops.Layout.SEGMENTS
+        if layout is ops.Layout.DISCARD:
             raw = self.discard.pack(op, req.flag, req.handle, req.id, req.sector_number,
                                     req.nr_sectors)
-        elif op == Op.INDIRECT:
+        elif layout is ops.Layout.INDIRECT:
             grefs = list(req.indirect_grefs)[:BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST]
             grefs += [0] * (BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST - len(grefs))
             raw = self.indirect.pack(op, req.indirect_op, req.nr_segments, req.id,

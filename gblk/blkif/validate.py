@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple
 
 from ..errors import InvalidRequest
+from . import ops
 from . import reasons as R
 from .abi import Request
 from .const import (
+    BLKIF_DISCARD_SECURE,
     BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
-    BLKIF_MAX_SEGMENTS_PER_REQUEST,
-    MAX_INDIRECT_SEGMENTS,
     SECTOR_SIZE,
     SECTORS_PER_PAGE,
     SEGS_PER_INDIRECT_FRAME,
@@ -50,41 +50,40 @@ def effective_op(req: Request) -> int:
 
 
 def check_header(req: Request, lim: DiskLimits) -> None:
-    """Everything decidable from the slot alone. For INDIRECT the segments come later
-    (``check_segments`` once the indirect pages have been copied)."""
+    """Everything decidable from the slot alone, by the op's row in ``ops.TABLE``. For
+    INDIRECT the segments come later (``check_segments`` once the indirect pages have
+    been copied)."""
     op = req.operation
-    n = req.nr_segments
-    if op == Op.READ or op == Op.WRITE:
-        if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} segments")
-        if op == Op.WRITE and lim.readonly:
-            raise InvalidRequest(R.READ_ONLY, "write to a read-only disk")
-    elif op == Op.WRITE_BARRIER or op == Op.FLUSH_DISKCACHE:
-        if (op == Op.WRITE_BARRIER and not lim.barrier) or (
-            op == Op.FLUSH_DISKCACHE and not lim.flush
-        ):
-            raise InvalidRequest(UNSUPPORTED, f"op {op} not offered")
-        if n > BLKIF_MAX_SEGMENTS_PER_REQUEST:
-            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} segments")
-        if n and lim.readonly:
-            raise InvalidRequest(R.READ_ONLY, "flush with data to a read-only disk")
-    elif op == Op.DISCARD:
-        if lim.readonly:  # refused as an error even though never offered (XSA-142)
-            raise InvalidRequest(R.READ_ONLY, "discard on a read-only disk")
-        if not lim.discard or (req.flag & 1 and not lim.discard_secure):
-            raise InvalidRequest(UNSUPPORTED, "discard not offered")
-        check_range(req.sector_number, req.nr_sectors, lim)
-    elif op == Op.INDIRECT:
-        if not lim.max_indirect_segments:
-            raise InvalidRequest(UNSUPPORTED, "indirect not offered")
-        if req.indirect_op not in (Op.READ, Op.WRITE):
-            raise InvalidRequest(R.INVALID_INDIRECT, f"indirect_op {req.indirect_op}")
-        if not 1 <= n <= min(lim.max_indirect_segments, MAX_INDIRECT_SEGMENTS):
-            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} indirect segments")
-        if req.indirect_op == Op.WRITE and lim.readonly:
-            raise InvalidRequest(R.READ_ONLY, "write to a read-only disk")
-    else:
+    spec = ops.BY_CODE.get(op)
+    if spec is None:
         raise InvalidRequest(UNSUPPORTED, f"op {op}")
+    n = req.nr_segments
+    layout = spec.layout
+    if layout is ops.Layout.SEGMENTS:
+        if not spec.offered(lim):
+            raise InvalidRequest(UNSUPPORTED, f"op {op} not offered")
+        lo, hi = spec.segments
+        if not lo <= n <= hi:
+            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} segments")
+        if spec.writes and lim.readonly and n:
+            raise InvalidRequest(R.READ_ONLY, f"{spec.label}{'' if lo else ' with data'} "
+                                              "to a read-only disk")
+    elif layout is ops.Layout.DISCARD:
+        if spec.writes and lim.readonly:  # refused as an error even though never offered (XSA-142)
+            raise InvalidRequest(R.READ_ONLY, f"{spec.label} on a read-only disk")
+        if not spec.offered(lim) or (req.flag & BLKIF_DISCARD_SECURE and not lim.discard_secure):
+            raise InvalidRequest(UNSUPPORTED, f"{spec.label} not offered")
+        check_range(req.sector_number, req.nr_sectors, lim)
+    else:  # Layout.INDIRECT
+        if not spec.offered(lim):
+            raise InvalidRequest(UNSUPPORTED, "indirect not offered")
+        inner = ops.BY_CODE.get(req.indirect_op)
+        if inner is None or not inner.indirect_payload:
+            raise InvalidRequest(R.INVALID_INDIRECT, f"indirect_op {req.indirect_op}")
+        if not spec.segments[0] <= n <= min(lim.max_indirect_segments, spec.segments[1]):
+            raise InvalidRequest(R.INVALID_SEGMENT_COUNT, f"{n} indirect segments")
+        if inner.writes and lim.readonly:
+            raise InvalidRequest(R.READ_ONLY, f"{inner.label} to a read-only disk")
 
 
 def indirect_pages(nr_segments: int) -> int:

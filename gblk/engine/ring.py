@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Se
 import gevent
 import gevent.event
 
+from ..blkif import ops
 from ..blkif import reasons as R
 from ..blkif.abi import Segment, indirect_segment_tuples
 from ..blkif.const import (
@@ -63,13 +64,12 @@ from .stats import RingStats
 if TYPE_CHECKING:  # the dataplane imports this module
     from .dataplane import Dataplane
 
-_OP_LABEL: Dict[int, str] = {
-    Op.READ: "read",
-    Op.WRITE: "write",
-    Op.WRITE_BARRIER: "barrier",
-    Op.FLUSH_DISKCACHE: "flush",
-    Op.DISCARD: "discard",
-}
+#: metric label by op code (gblk.blkif.ops)
+_OP_LABEL: Dict[int, str] = ops.LABEL
+_UNSUPPORTED = ops.UNSUPPORTED_LABEL
+_SPEC = ops.BY_CODE
+#: ops that wait for everything before them (a barrier)
+_ORDERED = frozenset(s.code for s in ops.TABLE if s.ordered)
 
 #: seconds between two looks for idle persistent grants (at most)
 SWEEP_INTERVAL = 10.0
@@ -379,7 +379,7 @@ class RingWorker:
             rop[slot] = op
             status[slot] = None
             t0[slot] = now
-            label[slot] = _OP_LABEL.get(op, "unsupported")
+            label[slot] = _OP_LABEL.get(op, _UNSUPPORTED)
             if queue or self._barrier:
                 queue.append((slot, block[off:off + size]))
             elif not self._serve(block, off, slot, batch):
@@ -408,27 +408,29 @@ class RingWorker:
         if op == _READ or op == _WRITE:
             self._rw(block, off, slot, op, batch)
             return True
-        if op == Op.WRITE_BARRIER and (self._jobs or batch):
+        if op in _ORDERED and (self._jobs or batch):
             return False  # everything before the barrier completes first
         dp = self.dp
         req = dp.abi.parse_request(bytes(block[off:off + dp.abi.req_size]))
         if op == Op.INDIRECT:  # answered with its indirect_op, as blkback does
             self._rop[slot] = req.indirect_op
-            self._label[slot] = _OP_LABEL.get(req.indirect_op, "unsupported")
+            self._label[slot] = _OP_LABEL.get(req.indirect_op, _UNSUPPORTED)
         try:
             check_header(req, dp.job.limits)
         except InvalidRequest as e:
             self._finish(slot, status_for(e.reason), e.reason, str(e))
             return True
-        if op == Op.DISCARD:
+        spec = _SPEC[op]  # check_header refused every op the table does not describe
+        if spec.storage is ops.Storage.DISCARD:
             if dp.cbt is not None or dp.cbw is not None:
                 self._mark_write(slot, req.sector_number, req.nr_sectors)
             batch.append((slot, jobs.run_discard,
                           (dp.job, req.sector_number, req.nr_sectors, bool(req.flag & 1)), None))
-        elif op == Op.INDIRECT:
+        elif spec.layout is ops.Layout.INDIRECT:
             self._indirect(slot, req.indirect_op, req.indirect_grefs, req.nr_segments,
                            req.sector_number, batch)
-        else:  # FLUSH_DISKCACHE, WRITE_BARRIER (validated: offered, segments in range)
+        else:  # Storage.WRITE_THEN_FLUSH: FLUSH_DISKCACHE, WRITE_BARRIER (validated:
+            # offered, segments in range)
             segs = req.segments
             if segs:
                 try:
@@ -439,7 +441,7 @@ class RingWorker:
                 if dp.cbt is not None or dp.cbw is not None:
                     self._mark_write(slot, req.sector_number,
                                      sum(g.last_sect - g.first_sect + 1 for g in segs))
-            barrier = op == Op.WRITE_BARRIER
+            barrier = spec.ordered
             if barrier:
                 self._barrier = True
             cached, pinned = self._cached(segs)
@@ -614,7 +616,7 @@ class RingWorker:
         st = self.stats
         self._jobs -= 1
         self.jobs_completed += 1
-        if fn is jobs.run_request and self._rop[slot] == Op.WRITE_BARRIER:
+        if fn is jobs.run_request and self._rop[slot] in _ORDERED:
             self._barrier = False
         if pinned and self._pgrants is not None:
             if fn is jobs.run_views:
@@ -713,7 +715,7 @@ class RingWorker:
     def _admit(self, block: bytes, off: int, slot: int, batch: List[_Item]) -> bool:
         """May this request go now under the disk's IO limits (it is counted then)?
         Else a timer wakes the ring when it may."""
-        if self._stopping or (block[off] == Op.WRITE_BARRIER and (self._jobs or batch)):
+        if self._stopping or (block[off] in _ORDERED and (self._jobs or batch)):
             return True  # a drain ignores limits; a held barrier is counted when it goes
         cost = throttle.request_cost(self.dp.abi, block, off)
         lim = self.dp.throttle.limiter if self.dp.throttle is not None else None

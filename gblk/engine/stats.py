@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import DefaultDict, Dict, List, Sequence, Tuple
 
-from ..blkif import reasons
+from ..blkif import ops, reasons
 
 #: seconds; from a 4 KiB random read on a fast store to 1 MiB sequential on a slow one
 LATENCY_BUCKETS: Tuple[float, ...] = (
@@ -22,8 +22,9 @@ LATENCY_BUCKETS: Tuple[float, ...] = (
 #: requests handled per ring pass
 BATCH_BUCKETS: Tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
-#: op labels (the effective op: an INDIRECT request counts as its indirect_op)
-OPS = ("read", "write", "barrier", "flush", "discard", "unsupported")
+#: op labels (the effective op: an INDIRECT request counts as its indirect_op), from
+#: the operations' table
+OPS = ops.LABELS
 
 #: error reasons (low cardinality: these and nothing else; named in gblk.blkif.reasons)
 #: and the device-level ones (DeviceStats.errors)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
+from ..blkif import ops
 from ..blkif.abi import Abi
 from ..blkif.const import BLKIF_MAX_SEGMENTS_PER_REQUEST, SECTOR_SHIFT, Op
 from ..qos import UNLIMITED, Bucket, DiskIdentity, Limits, Rules
@@ -134,19 +135,21 @@ def request_cost(abi: Abi, block: bytes, off: int) -> Optional[Tuple[bool, int]]
             return None
         sectors = sum(max(0, f[7 + 3 * i] - f[6 + 3 * i] + 1) for i in range(n))
         return op == _WRITE, sectors << SECTOR_SHIFT
-    if op == Op.DISCARD:
-        return True, 0
-    if op in (Op.INDIRECT, Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER):
-        req = abi.parse_request(bytes(block[off:off + abi.req_size]))
-        if op == Op.INDIRECT:
-            if req.indirect_op not in (Op.READ, Op.WRITE):
-                return None
-            return req.indirect_op == Op.WRITE, req.nr_segments * _PAGE
-        segs = req.segments
-        if not segs:
+    spec = ops.BY_CODE.get(op)
+    if spec is None:
+        return None
+    if spec.layout is ops.Layout.DISCARD:
+        return spec.writes, 0
+    req = abi.parse_request(bytes(block[off:off + abi.req_size]))
+    if spec.layout is ops.Layout.INDIRECT:
+        inner = ops.BY_CODE.get(req.indirect_op)
+        if inner is None or not inner.indirect_payload:
             return None
-        return True, sum(max(0, s.last_sect - s.first_sect + 1) for s in segs) << SECTOR_SHIFT
-    return None
+        return inner.writes, req.nr_segments * _PAGE
+    segs = req.segments  # a flush or barrier: counted when it carries data
+    if not segs:
+        return None
+    return spec.writes, sum(max(0, s.last_sect - s.first_sect + 1) for s in segs) << SECTOR_SHIFT
 
 
 class DiskThrottle:
