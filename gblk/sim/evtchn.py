@@ -264,6 +264,13 @@ class SimEventChannel(EventChannel):
                     remote_port,
                     rrec._replace(state=ECS_INTERDOMAIN, remote_domid=self.domid, remote_port=local),
                 )
+                # An event the remote end was given and never woken for: a notifier
+                # killed between marking the port fired and sending the wake-up (Xen
+                # delivers in one hypercall; here they are two steps). Every later
+                # notify sees "fired" and sends nothing, so the remote end would sleep
+                # on its responses for good: the binding that replaces the dead one
+                # sends that wake-up.
+                lost_wake = rrec.owner if rrec.flags & F_FIRED else 0
                 # Xen sets the new local port pending: a notification may have been lost
                 # while the remote port was unbound. Delivered at once: masked + fired.
                 self._own.put(
@@ -273,6 +280,8 @@ class SimEventChannel(EventChannel):
             self._ports[local] = None
             self._remote[local] = domid
             self._wake(self.handle_id)
+            if lost_wake:
+                self._wake(lost_wake)
             return local
 
     def notify(self, port: int) -> None:

@@ -105,6 +105,9 @@ class Restarter:
             t_kill = time.monotonic()
             if backend is not None:
                 backend.kill()
+                if backend.alive():  # SIGKILLed 10 s ago, twice: not a daemon to replace
+                    self.failure = f"the daemon (pid {backend.proc.pid}) did not die of SIGKILL"
+                    return
             gevent.sleep(0)  # responses the dead process published reach the frontends
             before = self.served()
             t_start = time.monotonic()

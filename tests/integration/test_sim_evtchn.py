@@ -10,11 +10,8 @@ remembered once and re-delivered by unmask.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import select
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -31,12 +28,15 @@ from gblk.sim.evtchn import (
     F_FIRED,
     F_MASKED,
     SimEventChannel,
+    _evtchn_dir,
+    _PortTable,
     close_domain_ports,
     read_port,
 )
 
-#: hang guards, not performance assertions
-REPLY_DEADLINE = 60.0
+from .child_support import REPLY_DEADLINE, Child, child_fixture  # noqa: F401 - a fixture
+
+#: a hang guard, not a performance assertion
 WAIT_DEADLINE = 30.0
 _domids = itertools.count(1)
 
@@ -95,73 +95,6 @@ class Agent:
         assert self.ch is not None
         return {"notifications_sent": self.ch.notifications_sent,
                 "wakeups_sent": self.ch.wakeups_sent}
-
-
-def _child_main() -> None:
-    agent = Agent()
-    for line in sys.stdin:
-        method, args = json.loads(line)
-        try:
-            reply: Dict[str, Any] = {"ok": getattr(agent, method)(*args)}
-        except Exception as e:  # noqa: BLE001 - the parent asserts on it
-            reply = {"error": type(e).__name__, "message": str(e)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-
-class Child:
-    def __init__(self) -> None:
-        import gblk
-
-        env = dict(os.environ)
-        root = str(Path(gblk.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-        code = (
-            "import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('sim_child', sys.argv[1])\n"
-            "mod = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(mod)\n"
-            "mod._child_main()\n"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, __file__],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-        )
-
-    def send(self, method: str, *args: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps([method, list(args)]) + "\n")
-        self.proc.stdin.flush()
-
-    def reply(self, what: str = "") -> Any:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], REPLY_DEADLINE)
-        assert ready, f"child did not answer {what}"
-        line = self.proc.stdout.readline()
-        assert line, f"child died during {what} (exit {self.proc.poll()})"
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{reply['error']}: {reply['message']}")
-        return reply["ok"]
-
-    def call(self, method: str, *args: Any) -> Any:
-        self.send(method, *args)
-        return self.reply(method)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            self.proc.wait(timeout=REPLY_DEADLINE)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def child() -> Iterator[Child]:
-    c = Child()
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -376,7 +309,7 @@ def test_dead_peer_process_does_not_break_notify(tmp_path):
     """A guest process that dies without closing leaves its ports bound to a handle
     whose socket is gone: the backend's notify is a no-op, never an exception."""
     d = next(_domids)
-    c = Child()
+    c = Child(__name__)
     try:
         pid = c.call("open", str(tmp_path), d)
         gport = c.call("call", "alloc_unbound", 0)
@@ -399,7 +332,7 @@ def test_binding_of_a_killed_backend_is_released_for_its_successor(tmp_path):
     d = next(_domids)
     guest = SimEventChannel(str(tmp_path), d)
     gport = guest.alloc_unbound(0)
-    dead = Child()
+    dead = Child(__name__)
     try:
         pid = dead.call("open", str(tmp_path), 0)
         dead.call("call", "bind_interdomain", d, gport)
@@ -441,3 +374,36 @@ def test_greenlets_wait_on_several_handles(tmp_path, child):
     for h in handles:
         h.close()
     child.call("call", "close")
+
+
+def test_an_event_half_delivered_by_a_killed_backend_is_woken_by_its_successor(tmp_path):
+    """Xen delivers an event in one hypercall; the simulated host in two steps (mark
+    the guest's port fired, then send its handle a wake-up). A backend SIGKILLed
+    between the two leaves the port fired with no wake-up, and every later notify
+    sees "fired" and sends none: the guest would sleep on its responses for good
+    (the 120-kill restart runs caught it). The successor's bind sends that wake-up."""
+    d = next(_domids)
+    guest = SimEventChannel(str(tmp_path), d)
+    gport = guest.alloc_unbound(0)
+    dead = Child(__name__)
+    try:
+        pid = dead.call("open", str(tmp_path), 0)
+        dead.call("call", "bind_interdomain", d, gport)
+        table = _PortTable(_evtchn_dir(str(tmp_path)), d)
+        try:  # what the dead notifier's first step left: masked + fired
+            with table.locked():
+                table.put(gport, table.get(gport)._replace(flags=F_MASKED | F_FIRED))
+        finally:
+            table.close()
+        os.kill(pid, 9)
+        dead.proc.wait(timeout=REPLY_DEADLINE)
+    finally:
+        dead.close()
+    assert guest.pending() is None  # no wake-up came: the guest does not look
+    live = SimEventChannel(str(tmp_path), 0)
+    bport = live.bind_interdomain(d, gport)
+    live.notify(bport)  # the successor's takeover notify alone would not wake it
+    assert _wait(guest) == gport
+    guest.unmask(gport)
+    live.close()
+    guest.close()
