@@ -57,27 +57,6 @@ def child_env(tmp_path: Path) -> dict:
     return env
 
 
-def start_xenstored(socket_path: str, env: dict) -> subprocess.Popen:
-    """Start ``python -m gblk.sim.xenstored --socket socket_path``; return once it
-    accepts connections (it writes READY=1 to a pipe)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gblk.sim.xenstored", "--socket", socket_path,
-             "--ready-fd", str(write_fd)],
-            env=env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
-        )
-    finally:
-        os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as ready:
-        line = ready.readline()  # EOF if it died first
-    if not line.startswith(b"READY=1"):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"simulated xenstored did not start (exit {proc.returncode})")
-    return proc
-
-
 def stop_process(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -92,8 +71,10 @@ def stop_process(proc: subprocess.Popen) -> None:
 def xenstored(tmp_path: Path, child_env: dict) -> Iterator[str]:
     """A simulated xenstored (real wire protocol) on ``tmp_path/xenstored.sock``,
     the socket path a ``sim:DIR`` host uses. Yields the socket path."""
+    from .integration.xenstored_support import start_xenstored  # the one way to start it
+
     path = str(tmp_path / "xenstored.sock")
-    proc = start_xenstored(path, child_env)
+    proc = start_xenstored(path, env=child_env)
     try:
         yield path
     finally:

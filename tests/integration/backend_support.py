@@ -1,5 +1,6 @@
-"""Shared helpers for the backend's integration tests: a simulated host with two
-daemons (one per grant path family), metrics scraping, and a verified exercise."""
+"""Shared helpers for the backend's integration tests: daemons on a simulated host,
+metrics scraping, a verified exercise, and waiting on a condition with a hang guard
+(``eventually``, ``wait_until``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import re
 import time
 import urllib.request
-from typing import Callable, Dict, Iterator, Optional, TypeVar
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import gevent
 
@@ -18,13 +19,29 @@ from gblk.sim.host import BackendProcess, SimHost, child_env
 SECTOR = 512
 
 
-def start_daemon(host: SimHost, name: str, toml: str, extra=()) -> BackendProcess:
-    """A ``gblk serve --xen sim:DIR`` process with its own config file and log."""
+def start_daemon(host: SimHost, name: str, toml: str, extra: Sequence[str] = (),
+                 env: Optional[Dict[str, str]] = None) -> BackendProcess:
+    """A ``gblk serve --xen sim:DIR`` process with its own config file and log;
+    ``env``: variables set for it on top of the usual child environment."""
     cfg = os.path.join(host.dir, f"{name}.toml")
     with open(cfg, "w") as f:
         f.write(toml)
     argv = host.backend_argv(["--config", cfg, "--metrics-address", "127.0.0.1:0", *extra])
-    return BackendProcess(argv, os.path.join(host.dir, f"{name}.log"), child_env())
+    return BackendProcess(argv, os.path.join(host.dir, f"{name}.log"), child_env(env))
+
+
+@contextlib.contextmanager
+def served_host(name: str, toml: str,
+                dir: Optional[str] = None) -> Iterator[Tuple[SimHost, BackendProcess, str]]:
+    """One simulated host (in ``dir``, else a fresh directory) and one daemon called
+    ``name`` with config ``toml``: yields (host, daemon, its /metrics URL); the
+    daemon is stopped at the end. The body of a module's ``served`` fixture."""
+    with SimHost(dir=dir) as host:
+        daemon = start_daemon(host, name, toml)
+        try:
+            yield host, daemon, metrics_url(daemon)
+        finally:
+            daemon.stop()
 
 
 @contextlib.contextmanager
@@ -143,10 +160,16 @@ def exercise(fe: Frontend, image: str, big_sectors: Optional[int] = None) -> Non
 
 T = TypeVar("T")
 
+#: a hang guard for what the backend (or a helper process) must do, never a
+#: performance bound
+DEADLINE = 30.0
+
 
 def eventually(fn: Callable[[], T], accept: Callable[[T], bool], what: str,
-               timeout: float = 30.0) -> T:
-    """Call ``fn`` until ``accept(result)``; the last result is in the failure."""
+               timeout: float = DEADLINE, interval: float = 0.02) -> T:
+    """Call ``fn`` until ``accept(result)``; the last result is in the failure.
+    The integration tests' polling loop (``wait_until`` and
+    ``PrometheusServer.eventually`` are built on it)."""
     deadline = time.monotonic() + timeout
     while True:
         value = fn()
@@ -154,4 +177,10 @@ def eventually(fn: Callable[[], T], accept: Callable[[T], bool], what: str,
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: still {value!r} after {timeout:g}s")
-        gevent.sleep(0.02)
+        gevent.sleep(interval)
+
+
+def wait_until(fn: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
+    """Poll ``fn`` until it returns something true, and return that; AssertionError
+    naming ``what`` when the hang guard runs out."""
+    return eventually(fn, bool, what, timeout, interval=0.05)

@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import gevent
 import gevent.event
@@ -115,8 +115,10 @@ class Daemon:
         self.proc.stop()
 
 
-def launch(host: SimHost, name: str, toml: str) -> Daemon:
-    proc = start_daemon(host, name, toml)
+def launch(host: SimHost, name: str, toml: str, env: Optional[Dict[str, str]] = None) -> Daemon:
+    """``gblk serve`` called ``name`` (``env``: extra variables for it), once it serves
+    its metrics."""
+    proc = start_daemon(host, name, toml, env=env)
     try:
         return Daemon(name, proc, metrics_url(proc))
     except BaseException:
@@ -354,10 +356,11 @@ class Env:
         self.bystander = bystander
 
 
-def hostile_env(name: str) -> Iterator[Env]:
-    """The body of a module's ``env`` fixture: a daemon called ``name`` serving qdisk."""
+def hostile_env(name: str, env: Optional[Dict[str, str]] = None) -> Iterator[Env]:
+    """The body of a module's ``env`` fixture: a daemon called ``name`` serving qdisk
+    (``env``: extra variables for it)."""
     with SimHost() as host:
-        d = launch(host, name, '[daemon]\nkinds = ["qdisk"]\n')
+        d = launch(host, name, '[daemon]\nkinds = ["qdisk"]\n', env)
         try:
             by = make_guest(host, max_ring_page_order=0, max_queues=1)
             yield Env(host, d, Bystander(by.frontend))

@@ -1,7 +1,8 @@
-"""Helpers for the backend's lifecycle and data-safety integration tests: waiting on
-conditions with a hang guard, reading a daemon's mappings and open files from
-/proc, per-device metric series, prefilled images, and a parser for ``strace -f -y``
-output that keeps the order in which the traced syscalls started and ended.
+"""Helpers for the backend's lifecycle and data-safety integration tests: a daemon
+under strace, reading a daemon's mappings and open files from /proc, prefilled
+images, and a parser for ``strace -f -y`` output that keeps the order in which the
+traced syscalls started and ended. Waiting (``wait_until``, ``DEADLINE``) is
+``backend_support``'s, a device's metric series ``metrics_support``'s.
 
 Test support only: it runs in the test process and never imports the engine,
 device or daemon layers (the backend is always a separate process here).
@@ -11,41 +12,19 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, TypeVar
-
-import gevent
+from typing import Dict, List, Optional
 
 from gblk.blkif.const import U32_MASK
 from gblk.blkif.ring import RSP_PROD
 from gblk.sim.frontend import Frontend
 from gblk.sim.host import BackendProcess, SimHost, child_env
 
-from .backend_support import SECTOR, pattern
-
-T = TypeVar("T")
-
-#: a hang guard for things the backend must do, never a performance bound
-DEADLINE = 30.0
+from .backend_support import SECTOR, pattern, wait_until
 
 #: the syscalls the flush test traces (glibc >= 2.26 implements pwritev with the
 #: pwritev2 syscall, so both are traced)
 TRACED = "fdatasync,fsync,pwritev,pwritev2,pwrite64"
-
-
-def wait_until(fn: Callable[[], T], what: str, timeout: float = DEADLINE,
-               interval: float = 0.05) -> T:
-    """Poll ``fn`` until it returns something true; AssertionError naming ``what``
-    when the hang guard runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"never happened within {timeout:g}s: {what}")
-        gevent.sleep(interval)
 
 
 # -- daemons ------------------------------------------------------------------------
@@ -133,13 +112,6 @@ def unanswered_behind_rsp_prod(fe: Frontend) -> List[str]:
                 out.append(f"queue {q.index}: request at ring index {part.index} unanswered, "
                            f"rsp_prod {rsp_prod}")
     return out
-
-
-# -- metrics --------------------------------------------------------------------------
-def device_series(samples: Dict[str, float], domid: int, devid: int) -> List[str]:
-    """Every sample of the device ``domid``/``devid``."""
-    d, v = f'domain="{domid}"', f'device="{devid}"'
-    return [k for k in samples if d in k and v in k]
 
 
 # -- images ---------------------------------------------------------------------------

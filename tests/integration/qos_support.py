@@ -96,13 +96,3 @@ def within(value: float, want: float, tolerance: float = 0.10) -> bool:
 
 def first_disk(fe: Frontend) -> str:
     return f"d{fe.domid}/{fe.devid}"
-
-
-def wait_for(fn: Any, timeout: float = 30.0, what: str = "") -> Optional[Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        gevent.sleep(0.05)
-    raise AssertionError(f"timed out: {what}")

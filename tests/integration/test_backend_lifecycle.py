@@ -25,6 +25,7 @@ from gblk.sim.host import BackendProcess, Guest, SimHost
 from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import (
+    DEADLINE,
     SECTOR,
     file_bytes,
     logs_on_failure,
@@ -32,15 +33,12 @@ from .backend_support import (
     metrics_url,
     pattern,
     scrape,
+    served_host,
     start_daemon,
-)
-from .lifecycle_support import (
-    DEADLINE,
-    device_series,
-    holds_domain,
-    unanswered_behind_rsp_prod,
     wait_until,
 )
+from .lifecycle_support import holds_domain, unanswered_behind_rsp_prod
+from .metrics_support import device_series
 
 MiB = 1 << 20
 XVDB = 51728
@@ -52,13 +50,8 @@ DAEMON_TOML = f'[daemon]\nkinds = ["qdisk"]\nstop_timeout = {STOP_TIMEOUT}\n'
 @pytest.fixture(scope="module")
 def served() -> Iterator[Tuple[SimHost, BackendProcess, str]]:
     """One simulated host and one daemon (qdisk, default settings) for the module."""
-    with SimHost() as host:
-        daemon = start_daemon(host, "lifecycle", DAEMON_TOML)
-        try:
-            url = metrics_url(daemon)
-            yield host, daemon, url
-        finally:
-            daemon.stop()
+    with served_host("lifecycle", DAEMON_TOML) as served:
+        yield served
 
 
 def _result(r: gevent.event.AsyncResult, timeout: float = DEADLINE) -> IoResult:

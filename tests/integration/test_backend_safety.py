@@ -22,6 +22,7 @@ from gblk.sim.frontend import FrontendOptions, IoResult
 from gblk.sim.host import BackendProcess, SimHost
 
 from .backend_support import (
+    DEADLINE,
     SECTOR,
     file_bytes,
     logs_on_failure,
@@ -29,10 +30,9 @@ from .backend_support import (
     metrics_url,
     pattern,
     scrape,
-    start_daemon,
+    served_host,
 )
 from .lifecycle_support import (
-    DEADLINE,
     fd_flags,
     open_paths,
     parse_strace,
@@ -52,13 +52,8 @@ DAEMON_TOML = '[daemon]\nkinds = ["qdisk"]\n'
 @pytest.fixture(scope="module")
 def served() -> Iterator[Tuple[SimHost, BackendProcess, str]]:
     """One simulated host and one daemon (qdisk, default settings) for the module."""
-    with SimHost() as host:
-        daemon = start_daemon(host, "safety", DAEMON_TOML)
-        try:
-            url = metrics_url(daemon)
-            yield host, daemon, url
-        finally:
-            daemon.stop()
+    with served_host("safety", DAEMON_TOML) as served:
+        yield served
 
 
 def _result(r: gevent.event.AsyncResult) -> IoResult:

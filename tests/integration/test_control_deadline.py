@@ -24,9 +24,17 @@ import pytest
 from gblk.blkif.const import XenbusState
 from gblk.sim.host import BackendProcess, SimHost, child_env
 
-from .backend_support import logs_on_failure, metric, metrics_url, scrape, start_daemon
+from .backend_support import (
+    logs_on_failure,
+    metric,
+    metrics_url,
+    scrape,
+    start_daemon,
+    wait_until,
+)
 from .hostile_support import Bystander, check_clean
-from .lifecycle_support import device_series, open_paths, wait_until
+from .lifecycle_support import open_paths
+from .metrics_support import device_series
 
 MiB = 1 << 20
 XVDB, XVDC, XVDD = 51728, 51744, 51760

@@ -27,7 +27,7 @@ from gblk.blkif.const import Op, Status
 from gblk.sim.frontend import Frontend, FrontendOptions, IoResult
 from gblk.sim.host import Guest, SimHost
 
-from .backend_support import metric, metrics_url, pattern, scrape, start_daemon
+from .backend_support import metric, metrics_url, pattern, scrape, served_host, start_daemon
 from .metrics_support import device_series, eventually, healthz_url, http_get, wait_series_gone
 
 SECTOR = 512
@@ -46,12 +46,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[SimHost, 
     """A simulated host and one gblk daemon serving its qdisk disks; yields the
     host and the daemon's /metrics URL. The host's directory (logs of the daemon and
     xenstored) stays with pytest's temporary directories for a post-mortem."""
-    with SimHost(dir=str(tmp_path_factory.mktemp("host"))) as host:
-        daemon = start_daemon(host, "gblk", '[daemon]\nkinds = ["qdisk"]\n')
-        try:
-            yield host, metrics_url(daemon)
-        finally:
-            daemon.stop()
+    with served_host("gblk", '[daemon]\nkinds = ["qdisk"]\n',
+                     dir=str(tmp_path_factory.mktemp("host"))) as (host, _daemon, url):
+        yield host, url
 
 
 def _done(result: object) -> IoResult:

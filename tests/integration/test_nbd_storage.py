@@ -21,7 +21,7 @@ from gblk.blkif.const import VDISK_READONLY, Status, XenbusState
 from gblk.sim.frontend import Frontend, FrontendOptions
 from gblk.sim.host import BackendProcess, SimHost, child_env
 
-from .backend_support import logs_on_failure, metric, metrics_url, pattern, scrape, start_daemon
+from .backend_support import logs_on_failure, metric, pattern, scrape, served_host, wait_until
 from .host_tools import require_tool
 
 MiB = 1024 * 1024
@@ -39,12 +39,8 @@ def _tools() -> None:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple]:
-    with SimHost() as h:
-        d = start_daemon(h, "nbd", '[daemon]\nkinds = ["qdisk"]\n')
-        try:
-            yield h, d, metrics_url(d)
-        finally:
-            d.stop()
+    with served_host("nbd", '[daemon]\nkinds = ["qdisk"]\n') as served:
+        yield served
 
 
 class Shadow:
@@ -107,17 +103,6 @@ def qemu_nbd_children(daemon: BackendProcess) -> List[int]:
     return out
 
 
-def wait_for(fn, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout:g}s")
-        time.sleep(0.05)
-
-
 def qemu_img(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
 
@@ -143,7 +128,7 @@ def test_image_formats_serve_verified_io(served, fmt, driver):
         assert metric(s, "gblk_nbd_connected", domain=str(g.domid)) == 1
         fe.close()
         host.destroy_guest(g)
-        wait_for(lambda: not qemu_nbd_children(daemon), "qemu-nbd stopped with the device")
+        wait_until(lambda: not qemu_nbd_children(daemon), "qemu-nbd stopped with the device")
     if driver == "qcow2":
         chk = qemu_img("check", img)
         assert chk.returncode == 0, chk.stdout + chk.stderr
@@ -174,7 +159,7 @@ def _wait_socket(path: Optional[str] = None, port: int = 0) -> None:
             return True
         except OSError:
             return False
-    wait_for(up, "nbdkit listening", 10)
+    wait_until(up, "nbdkit listening", 10)
 
 
 def test_nbdkit_memory_export_over_unix_socket(served):
@@ -221,7 +206,7 @@ def test_nbdkit_file_export_over_tcp_readonly_and_resize(served):
                 f.seek(2048 * SECTOR)
                 assert f.read(64 * SECTOR) == pattern(7, 64 * SECTOR)
             os.truncate(path, 32 * MiB)
-            wait_for(lambda: fe.disk.sectors * SECTOR == 32 * MiB, "the resize reaches the guest")
+            wait_until(lambda: fe.disk.sectors * SECTOR == 32 * MiB, "the resize reaches the guest")
             fe.write(48 * 1024, pattern(8, 8 * SECTOR))  # beyond the old end
             assert fe.read(48 * 1024, 8) == pattern(8, 8 * SECTOR)
 
@@ -260,13 +245,13 @@ def test_qemu_nbd_killed_mid_io_is_restarted(served):
         os.kill(pid, signal.SIGKILL)
         for i, r in pending:
             assert r.get(timeout=60).ok, i  # answered OKAY: sent again to the new server
-        new = wait_for(lambda: qemu_nbd_children(daemon), "qemu-nbd restarted")
+        new = wait_until(lambda: qemu_nbd_children(daemon), "qemu-nbd restarted")
         assert new != [pid]
         flush = fe.submit_flush().get(timeout=30)
         dom = str(g.domid)
         # the metrics follow within a watch interval (2 s)
-        s = wait_for(lambda: (lambda s: s if metric(s, "gblk_nbd_reconnects_total", domain=dom) >= 1
-                              else None)(scrape(url)), "gblk_nbd_reconnects_total counts")
+        s = wait_until(lambda: (lambda s: s if metric(s, "gblk_nbd_reconnects_total", domain=dom) >= 1
+                                else None)(scrape(url)), "gblk_nbd_reconnects_total counts")
         assert metric(s, "gblk_errors_total", domain=dom, reason="nbd_connection") >= 1
         if flush.status != Status.OKAY:
             # some of them were acknowledged before the kill: their fate was reported
@@ -279,7 +264,7 @@ def test_qemu_nbd_killed_mid_io_is_restarted(served):
         shadow.check(fe, 0, 4096 + 64 * 128)
         fe.close()
         host.destroy_guest(g)
-        wait_for(lambda: not qemu_nbd_children(daemon), "qemu-nbd stopped")
+        wait_until(lambda: not qemu_nbd_children(daemon), "qemu-nbd stopped")
     chk = qemu_img("check", img)
     # leaked clusters (allocated by the killed server, never referenced) are harmless
     assert chk.returncode in (0, 3) and "ERROR" not in chk.stdout, chk.stdout + chk.stderr
@@ -312,8 +297,8 @@ def test_remote_server_gone_fails_requests_not_the_daemon(served):
             other.write(0, pattern(3, 8 * SECTOR))
             assert other.read(0, 8) == pattern(3, 8 * SECTOR)
             dom = str(g.domid)
-            wait_for(lambda: metric(scrape(url), "gblk_nbd_connected", domain=dom,
-                                    device=str(g.disk.devid)) == 0, "gblk_nbd_connected 0")
+            wait_until(lambda: metric(scrape(url), "gblk_nbd_connected", domain=dom,
+                                      device=str(g.disk.devid)) == 0, "gblk_nbd_connected 0")
             assert "NBD connection connected -> " in daemon.log_text()
             assert host.xs.read(f"{g.disk.backend_path}/state") == str(int(XenbusState.CONNECTED))
 
@@ -323,7 +308,7 @@ def test_remote_server_gone_fails_requests_not_the_daemon(served):
 
             def works() -> bool:
                 return fe.submit_write(0, pattern(4, 8 * SECTOR)).get(timeout=30).ok
-            wait_for(works, "the disk served again")
+            wait_until(works, "the disk served again")
             assert fe.read(0, 8) == pattern(4, 8 * SECTOR)
             other.close()
             fe.close()
@@ -350,8 +335,8 @@ def test_refused_images_fail_only_their_device(served, tmp_path):
         for devid, (target, fmt, needle) in cases.items():
             disk = host.toolstack.attach_disk(g.domid, target, devid=devid, format=fmt)
             be = disk.backend_path
-            wait_for(lambda p=be: host.xs.read(f"{p}/state") == str(int(XenbusState.CLOSED)),
-                     f"{devid} goes Closed")
+            wait_until(lambda p=be: host.xs.read(f"{p}/state") == str(int(XenbusState.CLOSED)),
+                       f"{devid} goes Closed")
             assert host.xs.read(f"{be}/hotplug-status") == "error"
             err = host.xs.read(f"{be}/hotplug-error") or ""
             assert needle in err, err
@@ -376,7 +361,7 @@ def test_qemu_nbd_missing(tmp_path):
             dom = h.toolstack.create_domain()
             disk = h.toolstack.attach_disk(dom.domid, img, format="qcow2")
             be = disk.backend_path
-            wait_for(lambda: h.xs.read(f"{be}/state") == str(int(XenbusState.CLOSED)), "Closed")
+            wait_until(lambda: h.xs.read(f"{be}/state") == str(int(XenbusState.CLOSED)), "Closed")
             err = h.xs.read(f"{be}/hotplug-error") or ""
             assert "qemu-nbd not found" in err and "qemu-utils" in err, err
         finally:

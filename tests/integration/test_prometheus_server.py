@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import gevent
 import pytest
 
+from .backend_support import eventually
 from .host_tools import require_tool
 
 from gblk.engine.stats import DaemonStats, DeviceStats, RingStats
@@ -170,15 +171,12 @@ class PrometheusServer:
         return result
 
     def eventually(self, expr: str, accept: Callable[[List[Dict[str, Any]]], bool]) -> List[Dict[str, Any]]:
-        """Query until ``accept(result)``; bounded by WAIT."""
-        deadline = time.monotonic() + WAIT
-        result: List[Dict[str, Any]] = []
-        while time.monotonic() < deadline:
-            result = self.query(expr)
-            if accept(result):
-                return result
-            gevent.sleep(0.25)
-        raise AssertionError(f"{expr}: last result {result}\n--- prometheus log ---\n{self.log_tail()}")
+        """Query until ``accept(result)``; bounded by WAIT. The failure carries the
+        last result and the tail of Prometheus' log."""
+        try:
+            return eventually(lambda: self.query(expr), accept, expr, timeout=WAIT, interval=0.25)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- prometheus log ---\n{self.log_tail()}") from None
 
 
 class Workload:

@@ -24,8 +24,8 @@ import pytest
 
 from gblk.sim.host import SimHost
 
-from .backend_support import logs_on_failure, metric, metrics_url, scrape, start_daemon
-from .qos_support import Load, ask, ctl, first_disk, toml_rules, wait_for, within
+from .backend_support import logs_on_failure, metric, metrics_url, scrape, start_daemon, wait_until
+from .qos_support import Load, ask, ctl, first_disk, toml_rules, within
 
 MiB = 1 << 20
 #: guest A: 100 IOPS (4 KiB requests); guest B: 2 MiB/s (64 KiB requests: INDIRECT)
@@ -117,9 +117,9 @@ def test_limited_guests_keep_their_limits_beside_a_full_speed_one():
             with open(cfg, "w") as f:
                 f.write(_rules(img_a, img_b, group, iops=IOPS // 4))
             b.proc.send_signal(signal.SIGHUP)
-            wait_for(lambda: ask(host.control_socket, "limit", disk_a) == {
+            wait_until(lambda: ask(host.control_socket, "limit", disk_a) == {
                 "group": "", "limits": {"iops_total": IOPS // 4}, "source": "config"},
-                what="SIGHUP applies the new rule")
+                "SIGHUP applies the new rule")
             got = ask(host.control_socket, "limit", first_disk(gd.frontend))
             assert got == {"group": "pair", "limits": {"iops_total": GROUP_IOPS}, "source": "config"}
             for load in loads:

@@ -22,7 +22,7 @@ from gblk.control.client import daemon_greenlets
 from gblk.sim.host import BackendProcess, SimHost, child_env
 from gblk.sim.scale import report, run_scale
 
-from .lifecycle_support import wait_until
+from .backend_support import wait_until
 
 DISKS = int(os.environ.get("GBLK_SCALE_DISKS", "32"))
 #: the issue's budget of file descriptors per idle disk

@@ -8,12 +8,8 @@ in its own process. A mapping is a real mmap of the guest's RAM file.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import select
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -43,8 +39,8 @@ from gblk.xen.interfaces import (
     CopySegment,
 )
 
-#: a hang guard for one reply from a child, not a performance assertion
-REPLY_DEADLINE = 60.0
+from .child_support import REPLY_DEADLINE, Child, child_fixture  # noqa: F401 - a fixture
+
 _domids = itertools.count(1)
 
 
@@ -97,72 +93,6 @@ class Agent:
             self.table = SimGrantTable(dir, 0)
         self.mappings.append(self.table.map_grant_refs(domid, refs, writable))
         return os.getpid()
-
-
-def _child_main() -> None:
-    agent = Agent()
-    for line in sys.stdin:
-        method, args = json.loads(line)
-        try:
-            reply: Dict[str, Any] = {"ok": getattr(agent, method)(*args)}
-        except Exception as e:  # noqa: BLE001 - the parent asserts on it
-            reply = {"error": type(e).__name__, "message": str(e)}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-
-
-class Child:
-    """A Python child process running ``_child_main`` of this file."""
-
-    def __init__(self, env: Dict[str, str]) -> None:
-        code = (
-            "import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('sim_child', sys.argv[1])\n"
-            "mod = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(mod)\n"
-            "mod._child_main()\n"
-        )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, __file__],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
-        )
-
-    def call(self, method: str, *args: Any) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps([method, list(args)]) + "\n")
-        self.proc.stdin.flush()
-        ready, _, _ = select.select([self.proc.stdout], [], [], REPLY_DEADLINE)
-        assert ready, f"child did not answer {method}"
-        line = self.proc.stdout.readline()
-        assert line, f"child died during {method} (exit {self.proc.poll()})"
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"{reply['error']}: {reply['message']}")
-        return reply["ok"]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            self.proc.wait(timeout=REPLY_DEADLINE)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-
-def _env() -> Dict[str, str]:
-    import gblk
-
-    env = dict(os.environ)
-    root = str(Path(gblk.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    return env
-
-
-@pytest.fixture(scope="module")
-def child() -> Iterator[Child]:
-    c = Child(_env())
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -340,7 +270,7 @@ def test_pins_of_a_dead_backend_process_are_reclaimed(host, child):
     grants, the next look at the entry drops its pins."""
     g, d = host["guest"], host["domid"]
     refs = [ref for _frame, ref in _grant_pages(host, 2)]
-    other = Child(_env())
+    other = Child(__name__)
     try:
         pid = other.call("map", host["dir"], d, refs, True)
         assert g.call("end_access", d, refs[0]) is False
@@ -358,7 +288,7 @@ def test_two_backend_processes_share_pins(host):
     last mapper lets go."""
     g, d, t = host["guest"], host["domid"], host["table"]
     [(_frame, ref)] = _grant_pages(host, 1)
-    other = Child(_env())
+    other = Child(__name__)
     try:
         other.call("map", host["dir"], d, [ref], False)
         m = t.map_grant_refs(d, [ref], writable=True)

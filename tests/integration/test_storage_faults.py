@@ -28,15 +28,15 @@ import gevent
 import pytest
 
 from gblk.sim.frontend import Frontend
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.host import SimHost
 
-from .backend_support import file_bytes, metrics_url, pattern
+from .backend_support import file_bytes, pattern
 from .hostile_support import (
+    Env,
     ERROR,
     OKAY,
     SECTOR,
     WAIT,
-    Bystander,
     Daemon,
     check_clean,
     close_without_leaks,
@@ -44,7 +44,8 @@ from .hostile_support import (
     eventually,
     grant_balance,
     has_device,
-    make_guest,
+    hostile_env,
+    launch,
 )
 
 pytestmark = pytest.mark.hostile
@@ -53,40 +54,19 @@ FAULT_ENV = {"GBLK_FAULT_INJECTION": "1"}
 MiB = 1 << 20
 
 
-def launch_faulty(host: SimHost, name: str, toml: str) -> Daemon:
-    """``gblk serve`` with the fault store allowed (GBLK_FAULT_INJECTION=1)."""
-    cfg = os.path.join(host.dir, f"{name}.toml")
-    with open(cfg, "w") as f:
-        f.write(toml)
-    argv = host.backend_argv(["--config", cfg, "--metrics-address", "127.0.0.1:0"])
-    proc = BackendProcess(argv, os.path.join(host.dir, f"{name}.log"), child_env(FAULT_ENV))
-    try:
-        return Daemon(name, proc, metrics_url(proc))
-    except BaseException:
-        proc.stop()
-        raise
-
-
-class Env:
-    def __init__(self, host: SimHost, daemon: Daemon, bystander: Bystander) -> None:
-        self.host = host
-        self.daemon = daemon
-        self.bystander = bystander
-
-
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    with SimHost() as host:
-        d = launch_faulty(host, "faults", '[daemon]\nkinds = ["qdisk"]\n')
-        try:
-            by = make_guest(host, max_ring_page_order=0, max_queues=1)
-            bystander = Bystander(by.frontend)
-            # its first IO opens what the daemon keeps for the bystander's guest (its
-            # memory, the shared handles): part of every test's file-descriptor baseline
-            bystander.check_once()
-            yield Env(host, d, bystander)
-        finally:
-            d.stop()
+    """The hostile suites' host, daemon and bystander, with the fault store allowed
+    in the daemon (GBLK_FAULT_INJECTION=1)."""
+    setup = hostile_env("faults", FAULT_ENV)
+    e = next(setup)
+    try:
+        # its first IO opens what the daemon keeps for the bystander's guest (its
+        # memory, the shared handles): part of every test's file-descriptor baseline
+        e.bystander.check_once()
+        yield e
+    finally:
+        setup.close()
 
 
 def fd_count(d: Daemon) -> int:
@@ -366,7 +346,7 @@ def test_sigterm_is_not_held_by_stalled_io(stall_host):
     SIGTERM ends the daemon after at most the stop timeout (plus the time to close
     everything else), with a log line naming the abandoned request, exit status 0."""
     host = stall_host
-    d = launch_faulty(host, "stall", '[daemon]\nkinds = ["qdisk"]\nstop_timeout = 2.0\n')
+    d = launch(host, "stall", '[daemon]\nkinds = ["qdisk"]\nstop_timeout = 2.0\n', FAULT_ENV)
     fe = None
     try:
         image = host.make_image("stall.img", 8 * MiB)

@@ -9,26 +9,31 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Iterator
+from typing import Dict, Iterator, Optional
 
 from gblk.sim.host import child_env
 
 
-def start_xenstored(sock: str, *extra: str) -> "subprocess.Popen[bytes]":
-    """`python -m gblk.sim.xenstored --socket SOCK ...`, returned once it accepts."""
+def start_xenstored(sock: str, *extra: str,
+                    env: Optional[Dict[str, str]] = None) -> "subprocess.Popen[bytes]":
+    """``python -m gblk.sim.xenstored --socket SOCK ...``, returned once it accepts
+    connections (it writes READY=1 to a pipe). ``env``: the whole environment of
+    the child (default: the simulated host's, this very gblk importable)."""
     rfd, wfd = os.pipe()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gblk.sim.xenstored", "--socket", sock,
-         "--ready-fd", str(wfd), *extra],
-        pass_fds=(wfd,), env=child_env(),
-    )
-    os.close(wfd)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gblk.sim.xenstored", "--socket", sock,
+             "--ready-fd", str(wfd), *extra],
+            pass_fds=(wfd,), env=child_env() if env is None else env, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(wfd)
     with os.fdopen(rfd, "rb") as ready:
         status = ready.readline()  # b"" if it died first
-    if not status.startswith(b"READY"):
+    if not status.startswith(b"READY=1"):
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"xenstored did not start (exit {proc.returncode})")
+        raise RuntimeError(f"simulated xenstored did not start (exit {proc.returncode})")
     return proc
 
 

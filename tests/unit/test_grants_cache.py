@@ -16,48 +16,29 @@ from gblk.engine import grants as grants_mod
 from gblk.engine.grants import PersistentGrants
 from gblk.xen.interfaces import GrantMapping
 
-
-class FakeMapping(GrantMapping):
-    def __init__(self, ref: int) -> None:
-        self.ref = ref
-        self.pages = [memoryview(bytearray(4096))]
-        self.unmapped = 0
-
-    def unmap(self) -> None:
-        self.unmapped += 1
-
-    def __repr__(self) -> str:
-        return f"<map {self.ref}>"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
+from .unit_support import FakeClock, FakeMapping
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    c = FakeClock()
     monkeypatch.setattr(grants_mod, "time", types.SimpleNamespace(monotonic=c.monotonic))
     return c
 
 
 def maps(*refs: int) -> Dict[int, GrantMapping]:
-    return {r: FakeMapping(r) for r in refs}
+    return {r: FakeMapping([r]) for r in refs}
 
 
 def refs_of(mappings: List[GrantMapping]) -> List[int]:
     out = []
     for m in mappings:
         assert isinstance(m, FakeMapping)
-        out.append(m.ref)
+        out.append(m.refs[0])
     return out
 
 
-def test_adopt_and_acquire(clock: Clock) -> None:
+def test_adopt_and_acquire(clock: FakeClock) -> None:
     """Adopted mappings are found again by gref, each pinned once per acquire; grefs
     not cached are simply absent (the job maps them)."""
     c = PersistentGrants(limit=8, idle_seconds=60)
@@ -69,7 +50,7 @@ def test_adopt_and_acquire(clock: Clock) -> None:
     assert len(c) == 2
 
 
-def test_adopt_duplicate_is_rejected(clock: Clock) -> None:
+def test_adopt_duplicate_is_rejected(clock: FakeClock) -> None:
     """Two jobs that both mapped gref 5: the second mapping is handed back to be
     unmapped, the cached one stays (no double entry, no leak)."""
     c = PersistentGrants(limit=8, idle_seconds=60)
@@ -82,7 +63,7 @@ def test_adopt_duplicate_is_rejected(clock: Clock) -> None:
     assert len(c) == 2
 
 
-def test_lru_eviction(clock: Clock) -> None:
+def test_lru_eviction(clock: FakeClock) -> None:
     """Full cache: adopting evicts the least recently used entry (use = acquire), and
     the victim is handed back for unmapping."""
     c = PersistentGrants(limit=3, idle_seconds=60)
@@ -96,7 +77,7 @@ def test_lru_eviction(clock: Clock) -> None:
     assert set(c.acquire([1, 2, 3, 4])) == {1, 3, 4}
 
 
-def test_pinned_entries_are_never_evicted(clock: Clock) -> None:
+def test_pinned_entries_are_never_evicted(clock: FakeClock) -> None:
     """An entry in use by an in-flight job is never evicted (a mapping outlives the
     threadpool job that uses it); with every entry pinned the new mapping is refused."""
     c = PersistentGrants(limit=2, idle_seconds=60)
@@ -111,7 +92,7 @@ def test_pinned_entries_are_never_evicted(clock: Clock) -> None:
     assert set(c.acquire([1, 2, 4])) == {2, 4}
 
 
-def test_pin_counts_nest(clock: Clock) -> None:
+def test_pin_counts_nest(clock: FakeClock) -> None:
     """Two in-flight requests using the same grant: it stays pinned until both let go."""
     c = PersistentGrants(limit=1, idle_seconds=60)
     ms = maps(1)
@@ -124,7 +105,7 @@ def test_pin_counts_nest(clock: Clock) -> None:
     assert c.shrink_to(0) == [ms[1]]
 
 
-def test_idle_sweep(clock: Clock) -> None:
+def test_idle_sweep(clock: FakeClock) -> None:
     """Entries unused for longer than idle_seconds go (Linux's 60 s purge); recently
     used and pinned ones stay, however old."""
     c = PersistentGrants(limit=8, idle_seconds=60)
@@ -145,7 +126,7 @@ def test_idle_sweep(clock: Clock) -> None:
     assert len(c) == 0
 
 
-def test_shrink_to(clock: Clock) -> None:
+def test_shrink_to(clock: FakeClock) -> None:
     """A lower limit evicts the least recently used unpinned entries down to it (or as
     far as pins allow) and later adoptions respect it."""
     c = PersistentGrants(limit=5, idle_seconds=60)
@@ -161,7 +142,7 @@ def test_shrink_to(clock: Clock) -> None:
     assert c.adopt(new) == [new[9]]
 
 
-def test_limit_zero_caches_nothing(clock: Clock) -> None:
+def test_limit_zero_caches_nothing(clock: FakeClock) -> None:
     """max_persistent_grants = 0: every mapping is handed straight back."""
     c = PersistentGrants(limit=0, idle_seconds=60)
     new = maps(1, 2)
@@ -169,7 +150,7 @@ def test_limit_zero_caches_nothing(clock: Clock) -> None:
     assert len(c) == 0
 
 
-def test_drain_returns_everything_once(clock: Clock) -> None:
+def test_drain_returns_everything_once(clock: FakeClock) -> None:
     """Disconnect: every cached mapping comes back exactly once; the cache is empty."""
     c = PersistentGrants(limit=8, idle_seconds=60)
     ms = maps(1, 2, 3)
@@ -178,7 +159,7 @@ def test_drain_returns_everything_once(clock: Clock) -> None:
     assert c.drain() == [] and len(c) == 0
 
 
-def test_every_mapping_accounted_for(clock: Clock) -> None:
+def test_every_mapping_accounted_for(clock: FakeClock) -> None:
     """Over a long random-ish run, each mapping ever offered to the cache is either in
     it or handed back exactly once (no leak, no double unmap) and the cache never
     exceeds its limit."""
@@ -191,7 +172,7 @@ def test_every_mapping_accounted_for(clock: Clock) -> None:
         refs = [(step * 7 + k * 13) % 40 for k in range(3)]
         cached = c.acquire(refs)
         pinned.append(list(cached))
-        new: Dict[int, GrantMapping] = {r: FakeMapping(r) for r in refs if r not in cached}
+        new: Dict[int, GrantMapping] = {r: FakeMapping([r]) for r in refs if r not in cached}
         offered.extend(new.values())
         handed_back.extend(c.adopt(new))
         if len(pinned) > 4:
@@ -208,7 +189,7 @@ def test_every_mapping_accounted_for(clock: Clock) -> None:
     assert {id(m) for m in handed_back} == {id(m) for m in offered}
 
 
-def test_views_slice_exactly_and_pin_until_unpinned(clock: Clock) -> None:
+def test_views_slice_exactly_and_pin_until_unpinned(clock: FakeClock) -> None:
     """``views`` gives each segment's [first_sect, last_sect] slice of its page (no
     byte outside it: XSA-403) in one pass; pinned entries survive eviction and the
     idle sweep until unpinned, and a missing page leaves nothing sliced or pinned."""

@@ -48,6 +48,8 @@ from gblk.xen.interfaces import (
     GrantTable,
 )
 
+from .unit_support import FakeMapping
+
 DOMID = 7
 DISK_BYTES = 256 * 1024
 SENTINEL = 0xA5
@@ -89,39 +91,6 @@ class Guest:
         os.close(self.fd)
 
 
-class FakeMapping(GrantMapping):
-    def __init__(self, table: "FakeGrantTable", refs: List[int], writable: bool) -> None:
-        self.table = table
-        self.refs = refs
-        self.writable = writable
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        self._maps = [
-            mmap.mmap(table.guest.fd, PAGE_SIZE, mmap.MAP_SHARED, prot,
-                      offset=table.guest.grants[r][0] * PAGE_SIZE)
-            for r in refs
-        ]
-        self.pages = [memoryview(m) for m in self._maps]
-        self.unmapped = False
-
-    def unmap(self) -> None:
-        if self.unmapped:
-            return
-        for v in self.pages:
-            v.release()
-        busy = []
-        for m in self._maps:
-            try:
-                m.close()
-            except BufferError:
-                busy.append(m)
-        self._maps = busy
-        if busy:
-            raise GrantError("cannot unmap: a view derived from the mapping is still alive")
-        self.unmapped = True
-        self.table.live -= len(self.refs)
-        self.table.unmaps += len(self.refs)
-
-
 class FakeGrantTable(GrantTable):
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
@@ -148,11 +117,18 @@ class FakeGrantTable(GrantTable):
             st = self._check(domid, r, writable)
             if st != GNTST_okay:
                 raise GrantError(f"d{domid} gref {r}: status {st}", st)
-        m = FakeMapping(self, refs, writable)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        frames = [mmap.mmap(self.guest.fd, PAGE_SIZE, mmap.MAP_SHARED, prot,
+                            offset=self.guest.grants[r][0] * PAGE_SIZE) for r in refs]
+        m = FakeMapping(refs, frames, self._unmapped)
         self.mappings.append(m)
         self.live += len(refs)
         self.maps += len(refs)
         return m
+
+    def _unmapped(self, m: FakeMapping) -> None:
+        self.live -= len(m.refs)
+        self.unmaps += len(m.refs)
 
     def grant_copy(self, segments: Sequence[CopySegment]) -> List[int]:
         out = []

@@ -22,13 +22,7 @@ from gblk.logs import (
     syslog_priority,
 )
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .unit_support import FakeClock
 
 
 class ListHandler(logging.Handler):

@@ -16,6 +16,8 @@ from gblk.metrics import (
 )
 from gblk.metrics.health import DEFAULT_STUCK_AFTER
 
+from .unit_support import FakeClock
+
 
 @pytest.mark.parametrize(
     "text, expected",
@@ -53,14 +55,6 @@ def test_default_address_is_loopback() -> None:
     assert host == "127.0.0.1" and port > 0
 
 
-class _Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_health_fails_while_xenstore_is_unreachable() -> None:
     """/healthz reports XenStore loss: without it no device can come or go."""
     stats = DaemonStats(xenstore_connected=False)
@@ -73,7 +67,7 @@ def test_health_fails_while_xenstore_is_unreachable() -> None:
 def test_health_fails_for_a_device_stuck_where_gblk_must_act() -> None:
     """A device left in Initialising/Closing/Reconfiguring past the limit is stuck in
     gblk; InitWait and Connected wait on others and stay healthy however long."""
-    clock = _Clock(1000.0)
+    clock = FakeClock(1000.0)
     stats = DaemonStats(xenstore_connected=True)
     check = stats_health(stats, stuck_after=60.0, clock=clock)
     waiting = DeviceStats(domain=3, device=768, kind="vbd", state=2, state_since=1.0)
@@ -92,5 +86,5 @@ def test_health_ignores_devices_with_unknown_state_time() -> None:
     """state_since == 0 means the control plane never stamped it: never 'stuck'."""
     stats = DaemonStats(xenstore_connected=True)
     stats.devices[(1, "vbd", 1)] = DeviceStats(domain=1, device=1, kind="vbd", state=1, state_since=0.0)
-    assert stats_health(stats, clock=_Clock(1e9))() == (True, "ok")
+    assert stats_health(stats, clock=FakeClock(1e9))() == (True, "ok")
     assert DEFAULT_STUCK_AFTER > 0

@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import time
-from pathlib import Path
 from typing import Iterator, List
 
 import pytest
@@ -17,21 +16,9 @@ from gblk.errors import StorageError
 from gblk.storage import open_store
 from gblk.storage.fault import ENV, FaultStore
 
+from .unit_support import SIZE, image_fixture, pattern, views_of  # noqa: F401 - a fixture
+
 pytestmark = pytest.mark.hostile
-
-SIZE = 1 << 20
-
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    period = bytes((i * 31 + seed * 7) & 0xFF for i in range(256))
-    return (period * (n // 256 + 1))[:n]
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> str:
-    path = tmp_path / "disk.img"
-    path.write_bytes(pattern(SIZE))
-    return str(path)
 
 
 @pytest.fixture
@@ -51,10 +38,6 @@ def rules(image: str, body: List[dict]) -> None:
     os.replace(tmp, image + ".faults")
 
 
-def views(*sizes: int) -> List[memoryview]:
-    return [memoryview(bytearray(n)) for n in sizes]
-
-
 def test_refused_without_the_environment_variable(image: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A production gblk (no GBLK_FAULT_INJECTION=1) refuses the format, naming the switch."""
     monkeypatch.delenv(ENV, raising=False)
@@ -66,7 +49,7 @@ def test_refused_without_the_environment_variable(image: str, monkeypatch: pytes
 
 
 def test_no_control_file_is_a_plain_raw_store(store: FaultStore) -> None:
-    v = views(4096)
+    v = views_of(4096)
     store.readv(v, 8192)
     assert bytes(v[0]) == pattern(SIZE)[8192:12288]
     store.flush()
@@ -81,7 +64,7 @@ def test_error_only_inside_its_sectors(store: FaultStore, image: str, name: str,
     assert e.value.errno == code
     store.writev([memoryview(pattern(4096, 3))], 24 * 512)  # just after: fine
     store.writev([memoryview(pattern(4096, 3))], 8 * 512)  # ends at sector 16: fine
-    v = views(4096)
+    v = views_of(4096)
     store.readv(v, 16 * 512)  # reads are not covered by an op=write rule
     with open(image, "rb") as f:
         f.seek(16 * 512)
@@ -96,9 +79,9 @@ def test_count_then_spent_and_change_clears(store: FaultStore, image: str) -> No
     store.flush()
     rules(image, [{"op": "read", "error": "EIO"}])
     with pytest.raises(OSError):
-        store.readv(views(512), 0)
+        store.readv(views_of(512), 0)
     rules(image, [])
-    store.readv(views(512), 0)
+    store.readv(views_of(512), 0)
 
 
 def test_short_transfers_are_resumed(store: FaultStore, image: str) -> None:
@@ -106,7 +89,7 @@ def test_short_transfers_are_resumed(store: FaultStore, image: str) -> None:
     rules(image, [{"short": 100}])
     data = pattern(8192, 5)
     store.writev([memoryview(data[:3000]), memoryview(data[3000:])], 4096)
-    v = views(512, 7680)
+    v = views_of(512, 7680)
     store.readv(v, 4096)
     assert bytes(v[0]) + bytes(v[1]) == data
 
@@ -115,7 +98,7 @@ def test_truncated_transfer_fails(store: FaultStore, image: str) -> None:
     """The file ends early: the IO fails (EIO), it is never returned short."""
     rules(image, [{"op": "read", "truncate": 1000}])
     with pytest.raises(OSError) as e:
-        store.readv(views(4096), 0)
+        store.readv(views_of(4096), 0)
     assert e.value.errno == errno.EIO
 
 
@@ -127,7 +110,7 @@ def test_delay_ends_when_the_rule_goes(store: FaultStore, image: str) -> None:
     done = threading.Event()
 
     def reader() -> None:
-        store.readv(views(512), 0)
+        store.readv(views_of(512), 0)
         done.set()
 
     t = threading.Thread(target=reader)
@@ -142,9 +125,9 @@ def test_nowait_raises_errors_and_declines_delays(store: FaultStore, image: str)
     rules(image, [{"op": "read", "sectors": [0, 8], "error": "EIO"},
                   {"op": "read", "sectors": [8, 16], "delay": 5}])
     with pytest.raises(OSError):
-        store.readv_nowait(views(512), 0, 512)
+        store.readv_nowait(views_of(512), 0, 512)
     t0 = time.monotonic()
-    assert store.readv_nowait(views(512), 8 * 512, 512) is False
+    assert store.readv_nowait(views_of(512), 8 * 512, 512) is False
     assert time.monotonic() - t0 < 4  # declined, not waited (a hang guard)
 
 
@@ -153,7 +136,7 @@ def test_broken_control_file_fails_io(store: FaultStore, image: str) -> None:
     with open(image + ".faults", "w") as f:
         f.write("[{not json")
     with pytest.raises(OSError, match="fault control file"):
-        store.readv(views(512), 0)
+        store.readv(views_of(512), 0)
     rules(image, [{"op": "bogus"}])
     with pytest.raises(OSError, match="op 'bogus'"):
-        store.readv(views(512), 0)
+        store.readv(views_of(512), 0)

@@ -18,20 +18,7 @@ from gblk.storage import raw as rawmod
 from gblk.storage.base import SUPPORTED_FORMATS
 from gblk.storage.raw import IOV_MAX, RawStore
 
-SIZE = 1 << 20
-
-
-def pattern(n: int, seed: int = 0) -> bytes:
-    """n bytes that differ from their neighbours and from other seeds' (period 256)."""
-    period = bytes((i * 31 + seed * 7) & 0xFF for i in range(256))
-    return (period * (n // 256 + 1))[:n]
-
-
-@pytest.fixture
-def image(tmp_path: Path) -> str:
-    path = tmp_path / "disk.img"
-    path.write_bytes(pattern(SIZE))
-    return str(path)
+from .unit_support import SIZE, image_fixture, pattern, views_of  # noqa: F401 - a fixture
 
 
 @pytest.fixture
@@ -40,10 +27,6 @@ def store(image: str) -> Iterator[RawStore]:
     assert isinstance(s, RawStore)
     yield s
     s.close()
-
-
-def views_of(sizes: List[int]) -> List[memoryview]:
-    return [memoryview(bytearray(n)) for n in sizes]
 
 
 def test_open_store_raw(store: RawStore, image: str) -> None:
@@ -56,7 +39,7 @@ def test_open_store_raw(store: RawStore, image: str) -> None:
 @pytest.mark.parametrize("sizes", [[4096], [512, 1024, 2560], [512] * 11, [3584, 512, 4096]])
 def test_readv_exact(store: RawStore, sizes: List[int]) -> None:
     """readv fills every view, in order, from the offset on: no byte more, no less."""
-    views = views_of(sizes)
+    views = views_of(*sizes)
     store.readv(views, 8192)
     assert b"".join(bytes(v) for v in views) == pattern(SIZE)[8192:8192 + sum(sizes)]
 
@@ -78,7 +61,7 @@ def test_more_views_than_iov_max(store: RawStore, image: str) -> None:
     n = IOV_MAX * 2 + 37
     data = [i.to_bytes(4, "little") + pattern(508, i) for i in range(n)]  # each view unique
     store.writev([memoryview(d) for d in data], 0)
-    out = views_of([512] * n)
+    out = views_of(*[512] * n)
     store.readv(out, 0)
     assert [bytes(v) for v in out] == data
     assert open(image, "rb").read(n * 512) == b"".join(data)
@@ -120,7 +103,7 @@ def test_short_transfers_are_resumed(store: RawStore, image: str, monkeypatch: p
 
     monkeypatch.setattr(rawmod.os, "preadv", short_preadv)
     monkeypatch.setattr(rawmod.os, "pwritev", short_pwritev)
-    views = views_of([1024, 512, 2560])
+    views = views_of(1024, 512, 2560)
     store.readv(views, 4096)
     assert b"".join(bytes(v) for v in views) == pattern(SIZE)[4096:4096 + 4096]
     assert len(calls) == -(-4096 // step)
@@ -133,7 +116,7 @@ def test_short_transfers_are_resumed(store: RawStore, image: str, monkeypatch: p
 def test_read_past_the_end_is_an_io_error(store: RawStore) -> None:
     """A read the file cannot satisfy raises OSError (answered ERROR), never returns
     half-filled buffers as success."""
-    views = views_of([4096])
+    views = views_of(4096)
     with pytest.raises(OSError) as ei:
         store.readv(views, SIZE - 512)
     assert ei.value.errno == errno.EIO
@@ -149,7 +132,7 @@ def test_discard_punches_a_hole(store: RawStore, image: str) -> None:
     st = os.stat(image)
     assert st.st_size == SIZE
     assert st.st_blocks < before
-    out = views_of([256 * 1024 + 1024])
+    out = views_of(256 * 1024 + 1024)
     store.readv(out, 65536 - 512)
     got = bytes(out[0])
     assert got[:512] == pattern(SIZE)[65536 - 512:65536]
@@ -161,7 +144,7 @@ def test_secure_discard_on_a_file_and_empty_discard(store: RawStore) -> None:
     """Secure discard of a file is the same hole punch; a zero-length discard is a no-op."""
     store.discard(0, 4096, secure=True)
     store.discard(4096, 0)
-    out = views_of([8192])
+    out = views_of(8192)
     store.readv(out, 0)
     assert bytes(out[0]) == bytes(4096) + pattern(SIZE)[4096:8192]
 
@@ -182,7 +165,7 @@ def test_read_only_open_refuses_writes(image: str) -> None:
             s.writev([memoryview(b"\xff" * 512)], 0)
         with pytest.raises(OSError):
             s.discard(0, 4096)
-        views = views_of([512])
+        views = views_of(512)
         s.readv(views, 0)
         assert bytes(views[0]) == pattern(512)
     finally:
@@ -337,7 +320,7 @@ def test_close_is_idempotent(image: str) -> None:
 def test_readv_nowait_serves_cached_data(store: RawStore) -> None:
     """A read the page cache can serve is done at once (one preadv2 with RWF_NOWAIT, the
     hub's path); the data is the file's, whatever the views' sizes."""
-    views = views_of([4096, 512, 1024])
+    views = views_of(4096, 512, 1024)
     if not store.readv_nowait(views, 4096, 5632):
         pytest.skip("this file system has no RWF_NOWAIT reads (tmpfs)")
     assert b"".join(bytes(v) for v in views) == pattern(SIZE)[4096:4096 + 5632]
