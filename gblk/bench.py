@@ -10,7 +10,7 @@ falling back to ``libaio``, then to ``psync`` with one thread per IO in flight).
 ratio is gblk's IOPS over fio's: absolute numbers depend on the machine, the ratio
 is what gblk costs. Printed, never asserted.
 
-The guest is ``gblk.sim.bench_guest``: it negotiates through the simulated blkfront
+The guest is ``gblk.sim.guest.bench_guest``: it negotiates through the simulated blkfront
 and then drives one ring directly with a fixed pool of granted pages, so that it
 costs a few microseconds per request instead of more than the daemon. Per row:
 IOPS and MiB/s of both sides, the daemon's CPU per request (utime+stime of its
@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .sim.ramdir import fs_type, ram_dir
+from .sim.harness.ramdir import fs_type, ram_dir
 
 MiB = 1 << 20
 #: the daemon's log tail shown when it fails
@@ -452,13 +452,13 @@ def run_path(host: Any, path: str, image: ResidentImage, jobs: Sequence[Job],
     import gevent
 
     from .blkif.const import SECTOR_SIZE
-    from .sim.bench_guest import (
+    from .sim.guest.bench_guest import (
         BenchGuest,
         op_mix,
         random_sectors,
         sequential_sectors,
     )
-    from .sim.frontend import FrontendOptions
+    from .sim.guest.frontend import FrontendOptions
 
     mode, persistent = GRANT_PATHS[path]
     cfg = _write_config(host.dir, path, args.direct, args.cbt,
@@ -636,10 +636,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run_scale(counts: Sequence[int], seconds: float, as_json: bool) -> int:
-    """``--disks``: the scale scenario of ``gblk.sim.scale`` once per count."""
+    """``--disks``: the scale scenario of ``gblk.sim.harness.scale`` once per count."""
     from .control.client import daemon_greenlets
-    from .sim.scale import MiB as _MiB
-    from .sim.scale import report, run_scale
+    from .sim.harness.scale import MiB as _MiB
+    from .sim.harness.scale import report, run_scale
 
     rows: List[Dict[str, Any]] = []
     for n in counts:
@@ -742,7 +742,7 @@ def _run(args: argparse.Namespace, jobs: List[Job], paths: List[str]) -> int:
         if fio is None:
             raise Failure("fio not found: the raw side is fio on the same file "
                           "(apt-get install fio), or pass --no-fio to go without ratios")
-    from .sim.host import SimHost
+    from .sim.harness.host import SimHost
 
     warmup = min(0.5, max(0.1, args.seconds * 0.2))
     size = args.size * MiB

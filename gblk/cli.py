@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sim", parents=[common], help="run one component of the simulated host",
         description="Run gblk.sim.COMPONENT, e.g. 'gblk sim xenstored --socket PATH'.",
     )
-    sim.add_argument("component", metavar="COMPONENT", help="e.g. xenstored")
+    sim.add_argument("component", metavar="COMPONENT", help="e.g. xenstored, hypervisor.evtchn_bench")
     sim.add_argument("argv", nargs=argparse.REMAINDER, help="the component's own arguments")
     sim.set_defaults(func=_cmd_sim)
 
@@ -402,7 +402,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from gblk.logs import setup_logging
 
     name = args.component
-    if not name.isidentifier() or name.startswith("_"):
+    parts = name.split(".")
+    if not all(part.isidentifier() and not part.startswith("_") for part in parts):
         raise _Usage(f"unknown simulator component {name!r}")
     setup_logging("debug" if args.debug else "info")
     component = _sim_component(name)
@@ -424,7 +425,7 @@ class _Usage(GblkError):
 
 def _sim_component(name: str) -> Callable[[List[str]], int]:
     """``gblk.sim.<name>.main``: the one import by name in this module, because the name
-    is the user's argument (``gblk sim xenstored``); every other command imports what it
+    is the user's argument (``gblk sim xenstored``, ``gblk sim hypervisor.evtchn_bench``); every other command imports what it
     runs in its own function, so the composition root's edges show in the code and to
     ``lint-imports``. A module that is not there, or has no ``main``, is a usage error."""
     import importlib
@@ -435,7 +436,7 @@ def _sim_component(name: str) -> Callable[[List[str]], int]:
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name != module:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
             raise
         raise _Usage(f"unknown simulator component {name!r}") from None
     func = getattr(mod, "main", None)

@@ -52,7 +52,7 @@ def make_host(config: Config) -> XenHost:
     """The real Xen host, or the simulated one for ``xen = "sim:DIR"``."""
     sim_dir = config.daemon.sim_dir
     if sim_dir is not None:
-        from .sim.xenhost import SimXenHost
+        from .sim.hypervisor.xenhost import SimXenHost
 
         return SimXenHost(sim_dir)
     from .xen.host import RealXenHost

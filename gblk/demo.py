@@ -1,9 +1,9 @@
 """``gblk demo``: a simulated Xen host, the gblk daemon and guests doing verified IO.
 
-Starts a ``gblk.sim.host.SimHost`` (the simulated xenstored as a subprocess), the
+Starts a ``gblk.sim.harness.host.SimHost`` (the simulated xenstored as a subprocess), the
 daemon as a subprocess (``gblk serve --xen sim:DIR --metrics-address ...
 --control-socket DIR/control.sock``), N guests each with one disk (a sparse 256 MiB
-scratch image, or ``--image``), and runs ``gblk.sim.workload`` on them for
+scratch image, or ``--image``), and runs ``gblk.sim.guest.workload`` on them for
 ``--seconds``: reads, writes, flushes, barriers, discards and large INDIRECT
 requests, every byte read back checked. Shows live progress (one updating line on a
 terminal, plain periodic lines otherwise), the metrics URL, the ``gblk list``
@@ -363,9 +363,9 @@ class Demo:
     def _run(self) -> Dict[str, Any]:
         import gevent
 
-        from gblk.sim.frontend import FrontendOptions
-        from gblk.sim.host import SimHost
-        from gblk.sim.workload import Workload, WorkloadConfig
+        from gblk.sim.guest.frontend import FrontendOptions
+        from gblk.sim.harness.host import SimHost
+        from gblk.sim.guest.workload import Workload, WorkloadConfig
 
         args = self.args
         nguests = max(1, int(args.guests))
@@ -442,7 +442,7 @@ class Demo:
         wl.start()
         every = args.kill_daemon_every
         if every:
-            from gblk.sim.restarts import Restarter
+            from gblk.sim.harness.restarts import Restarter
 
             self.restarter = Restarter(host, backend_args, float(every),
                                        lambda: wl.stats.requests, seed=wl.seed)

@@ -11,7 +11,7 @@ The schema, as mirage-block-xen's protocol module holds it, in both directions:
 - a ``state`` node, whoever wrote it, as anyone reads it (``parse_state``).
 
 The daemon's device (``gblk.device.device``) and the simulated guest
-(``gblk.sim.frontend``) both use these, so what one writes the other parses by the
+(``gblk.sim.guest.frontend``) both use these, so what one writes the other parses by the
 same definition (tests/unit/test_blkif_xenbus.py checks the round trips).
 
 Pure: callers pass a ``read(key) -> Optional[str]`` over one directory, so this is

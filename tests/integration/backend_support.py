@@ -13,8 +13,8 @@ from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, TypeVar
 
 import gevent
 
-from gblk.sim.frontend import Frontend
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.guest.frontend import Frontend
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
 
 SECTOR = 512
 

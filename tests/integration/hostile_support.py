@@ -3,7 +3,7 @@
 A malicious guest must not be able to crash gblk, make it touch data outside a
 request, answer a request twice or never, leak grant mappings, or grow its memory
 without bound (docs/protocol.md §7). The suite drives the simulated guest's hostile hooks
-(``gblk.sim.frontend``: ``mutate=``, ``put_raw``, ``rewrite_slot``, ``revoke_grant``,
+(``gblk.sim.guest.frontend``: ``mutate=``, ``put_raw``, ``rewrite_slot``, ``revoke_grant``,
 ``set_req_prod``, ``notify(count=)``, ``set_state``...) against real ``gblk serve``
 processes on a simulated host, and judges the daemon only from the outside: its
 metrics endpoint, its log, ``/proc/<pid>``, the image files and the guest's own
@@ -31,9 +31,9 @@ import gevent.event
 import pytest
 
 from gblk.blkif.const import PAGE_SIZE, Status
-from gblk.sim.frontend import Frontend, FrontendOptions, IoResult
-from gblk.sim.host import BackendProcess, Guest, SimHost
-from gblk.sim.memory import GTF_permit_access
+from gblk.sim.guest.frontend import Frontend, FrontendOptions, IoResult
+from gblk.sim.harness.host import BackendProcess, Guest, SimHost
+from gblk.sim.hypervisor.memory import GTF_permit_access
 
 from .backend_support import eventually, metric, metrics_url, pattern, scrape, start_daemon
 

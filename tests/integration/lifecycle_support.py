@@ -17,8 +17,8 @@ from typing import Dict, List, Optional
 
 from gblk.blkif.const import U32_MASK
 from gblk.blkif.ring import RSP_PROD
-from gblk.sim.frontend import Frontend
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.guest.frontend import Frontend
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
 
 from .backend_support import SECTOR, pattern, wait_until
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple, TypeVar
 
 import gevent
 
-from gblk.sim.frontend import Frontend
+from gblk.sim.guest.frontend import Frontend
 
 from .backend_support import eventually, scrape
 

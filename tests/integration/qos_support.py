@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gevent
 
-from gblk.sim.frontend import Frontend
+from gblk.sim.guest.frontend import Frontend
 
 from .backend_support import pattern
 

@@ -20,8 +20,8 @@ import gevent.event
 import pytest
 
 from gblk.blkif.const import XenbusState, Status
-from gblk.sim.frontend import Frontend, FrontendError, IoResult
-from gblk.sim.host import BackendProcess, Guest, SimHost
+from gblk.sim.guest.frontend import Frontend, FrontendError, IoResult
+from gblk.sim.harness.host import BackendProcess, Guest, SimHost
 from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import (

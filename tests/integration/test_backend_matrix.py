@@ -9,8 +9,8 @@ import itertools
 
 import pytest
 
-from gblk.sim.frontend import FrontendOptions
-from gblk.sim.host import SimHost
+from gblk.sim.guest.frontend import FrontendOptions
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import (
     exercise,

@@ -18,8 +18,8 @@ import gevent
 import pytest
 
 from gblk.blkif.const import VDISK_CDROM, VDISK_READONLY, VDISK_REMOVABLE, Status
-from gblk.sim.frontend import FrontendOptions, IoResult
-from gblk.sim.host import BackendProcess, SimHost
+from gblk.sim.guest.frontend import FrontendOptions, IoResult
+from gblk.sim.harness.host import BackendProcess, SimHost
 
 from .backend_support import (
     DEADLINE,

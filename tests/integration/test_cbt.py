@@ -21,7 +21,7 @@ from typing import List, Set
 import gevent
 
 from gblk.engine import cbt as cbtmod
-from gblk.sim.host import SimHost
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import (logs_on_failure, metric, metrics_url, pattern, scrape, start_daemon,
                               wait_ready)

@@ -226,9 +226,22 @@ def test_demo_argument_errors_are_usage_errors(gblk_cmd: List[str], child_env: d
 
 def test_unknown_simulator_component(gblk_cmd: List[str], child_env: dict) -> None:
     """`gblk sim NAME` for a component that does not exist is a usage error."""
-    code, _, err = run(gblk_cmd + ["sim", "nosuchthing"], child_env)
-    assert code == 2
-    assert "nosuchthing" in assert_one_line_error(err)
+    for name in ("nosuchthing", "nosuch.thing", "hypervisor.nosuchthing", "hypervisor._x",
+                 "hypervisor..evtchn", "../etc", "hypervisor"):
+        code, _, err = run(gblk_cmd + ["sim", name], child_env)
+        assert code == 2, name
+        assert name in assert_one_line_error(err)
+
+
+def test_simulator_components_by_dotted_name(gblk_cmd: List[str], child_env: dict) -> None:
+    """`gblk sim xenstored` and `gblk sim hypervisor.evtchn_bench` reach the components in
+    the simulator's subpackages (`python -m gblk.sim.xenstored` too)."""
+    for argv in (gblk_cmd + ["sim", "xenstored", "--help"],
+                 gblk_cmd + ["sim", "hypervisor.evtchn_bench", "--help"],
+                 [sys.executable, "-m", "gblk.sim.xenstored", "--help"]):
+        code, out, err = run(argv, child_env)
+        assert code == 0, (argv, err)
+        assert "usage:" in out, argv
 
 
 def test_main_returns_exit_codes_in_process() -> None:

@@ -23,7 +23,7 @@ import urllib.request
 
 import pytest
 
-from gblk.sim.host import SimHost
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import eventually, exercise, metric, scrape
 from .test_demo import DEADLINE, start_demo

@@ -22,7 +22,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from gblk.blkif.const import XenbusState
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
 
 from .backend_support import (
     logs_on_failure,

@@ -27,8 +27,8 @@ import gevent
 import pytest
 
 from gblk.errors import GblkError
-from gblk.sim.frontend import Frontend
-from gblk.sim.host import SimHost
+from gblk.sim.guest.frontend import Frontend
+from gblk.sim.harness.host import SimHost
 from gblk.storage import nbdwire as w
 
 from .backend_support import logs_on_failure, metric, metrics_url, pattern, scrape, start_daemon

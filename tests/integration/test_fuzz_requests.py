@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from gblk.blkif.abi import Request, Segment, pack_indirect_segments, parse_indirect_segments
 from gblk.blkif.const import PAGE_SIZE, Op, Status
-from gblk.sim.host import SimHost
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import file_bytes
 from .hostile_support import WAIT, Daemon, check_clean, launch, make_guest

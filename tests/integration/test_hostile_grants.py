@@ -20,8 +20,8 @@ import pytest
 
 from gblk.blkif.abi import SEGMENT, Request, Segment
 from gblk.blkif.const import PAGE_SIZE, Op
-from gblk.sim.frontend import IOFailed, NotConnected
-from gblk.sim.host import SimHost
+from gblk.sim.guest.frontend import IOFailed, NotConnected
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import file_bytes, pattern
 from .hostile_support import (

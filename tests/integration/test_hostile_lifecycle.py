@@ -20,8 +20,8 @@ import pytest
 
 from gblk.blkif import xenbus as xb
 from gblk.blkif.const import PAGE_SIZE, XenbusState
-from gblk.sim.frontend import FrontendError, FrontendOptions
-from gblk.sim.host import SimHost
+from gblk.sim.guest.frontend import FrontendError, FrontendOptions
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import pattern
 from .hostile_support import (  # noqa: F401 - after_each: an autouse fixture

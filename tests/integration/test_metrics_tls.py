@@ -36,7 +36,7 @@ from gblk.errors import ConfigError
 from gblk.metrics import MetricsServer, make_registry
 from gblk.metrics.passwords import PasswordHash, hash_password
 from gblk.metrics.webconfig import WebConfig, load_web_config
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
 
 from .backend_support import eventually, logs_on_failure, metric, start_daemon
 from .test_prometheus_server import PrometheusServer

@@ -24,8 +24,8 @@ from .host_tools import require_tool
 
 from gblk.blkif.abi import Request
 from gblk.blkif.const import Op, Status
-from gblk.sim.frontend import Frontend, FrontendOptions, IoResult
-from gblk.sim.host import Guest, SimHost
+from gblk.sim.guest.frontend import Frontend, FrontendOptions, IoResult
+from gblk.sim.harness.host import Guest, SimHost
 
 from .backend_support import metric, metrics_url, pattern, scrape, served_host, start_daemon
 from .metrics_support import device_series, eventually, healthz_url, http_get, wait_series_gone

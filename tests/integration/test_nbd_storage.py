@@ -18,8 +18,8 @@ from typing import Iterator, List, Optional
 import pytest
 
 from gblk.blkif.const import VDISK_READONLY, Status, XenbusState
-from gblk.sim.frontend import Frontend, FrontendOptions
-from gblk.sim.host import BackendProcess, SimHost, child_env
+from gblk.sim.guest.frontend import Frontend, FrontendOptions
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
 
 from .backend_support import logs_on_failure, metric, pattern, scrape, served_host, wait_until
 from .host_tools import require_tool

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from gblk.sim.host import SimHost
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import logs_on_failure, metric, metrics_url, scrape, start_daemon, wait_until
 from .qos_support import Load, ask, ctl, first_disk, toml_rules, within

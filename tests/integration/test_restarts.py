@@ -32,9 +32,9 @@ import pytest
 
 from gblk.blkif.const import XenbusState
 from gblk.blkif.ring import REQ_PROD, RSP_PROD
-from gblk.sim.host import SimHost, child_env
-from gblk.sim.restarts import Restarter
-from gblk.sim.workload import Workload, WorkloadConfig
+from gblk.sim.harness.host import SimHost, child_env
+from gblk.sim.harness.restarts import Restarter
+from gblk.sim.guest.workload import Workload, WorkloadConfig
 from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import file_bytes, logs_on_failure, pattern

@@ -3,8 +3,8 @@
 No daemon, no XenStore: a ``Dataplane`` is built the way ``gblk.device.device`` builds
 one (the real grant table, event-channel handle, threadpool, control pool and a raw
 image file as the store) and started on a ring that a simulated blkfront queue
-(``gblk.sim.front_ring.FrontQueue``) set up in a simulated guest's memory
-(``gblk.sim.memory.GuestMemory``). The test plays the guest: it grants pages, writes
+(``gblk.sim.guest.ring.FrontQueue``) set up in a simulated guest's memory
+(``gblk.sim.hypervisor.memory.GuestMemory``). The test plays the guest: it grants pages, writes
 requests into the ring with ``gblk.blkif.abi``, pushes and notifies, and looks only at
 what a guest can see: the responses in the ring (id, operation, status, in ring
 order), its own pages, and the image file (which stands for the disk).
@@ -47,10 +47,10 @@ from gblk.engine.dataplane import Dataplane
 from gblk.engine.handles import EventChannels
 from gblk.engine.iopool import IOPool
 from gblk.engine.stats import DeviceStats
-from gblk.sim.evtchn import SimEventChannel
-from gblk.sim.front_ring import FrontQueue, Part
-from gblk.sim.memory import GuestMemory
-from gblk.sim.xenhost import SimXenHost
+from gblk.sim.hypervisor.evtchn import SimEventChannel
+from gblk.sim.guest.ring import FrontQueue, Part
+from gblk.sim.hypervisor.memory import GuestMemory
+from gblk.sim.hypervisor.xenhost import SimXenHost
 from gblk.storage import open_store
 from gblk.storage import fault as faultmod
 from gblk.storage.base import Store

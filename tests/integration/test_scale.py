@@ -19,8 +19,8 @@ import resource
 import pytest
 
 from gblk.control.client import daemon_greenlets
-from gblk.sim.host import BackendProcess, SimHost, child_env
-from gblk.sim.scale import report, run_scale
+from gblk.sim.harness.host import BackendProcess, SimHost, child_env
+from gblk.sim.harness.scale import report, run_scale
 
 from .backend_support import wait_until
 

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from gblk.sim.host import SimHost
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import pattern
 from .host_tools import require_tool

@@ -27,8 +27,8 @@ from typing import Iterator, List, Sequence
 import gevent
 import pytest
 
-from gblk.sim.frontend import Frontend
-from gblk.sim.host import SimHost
+from gblk.sim.guest.frontend import Frontend
+from gblk.sim.harness.host import SimHost
 
 from .backend_support import file_bytes, pattern
 from .hostile_support import (
@@ -103,7 +103,7 @@ def faulty_guest(env: Env, **opts: object) -> Faulty:
     image = env.host.make_image(f"faulty-{time.monotonic_ns()}.img", 8 * MiB)
     dom = env.host.toolstack.create_domain()
     env.host.toolstack.attach_disk(dom.domid, image, params=f"fault:{image}")
-    from gblk.sim.frontend import FrontendOptions
+    from gblk.sim.guest.frontend import FrontendOptions
 
     options = FrontendOptions(initial_zero=True, timeout=WAIT, io_timeout=WAIT, **opts)  # type: ignore[arg-type]
     fe = env.host.frontend(dom, options=options)
@@ -352,7 +352,7 @@ def test_sigterm_is_not_held_by_stalled_io(stall_host):
         image = host.make_image("stall.img", 8 * MiB)
         dom = host.toolstack.create_domain()
         host.toolstack.attach_disk(dom.domid, image, params=f"fault:{image}")
-        from gblk.sim.frontend import FrontendOptions
+        from gblk.sim.guest.frontend import FrontendOptions
 
         fe = host.frontend(dom, options=FrontendOptions(initial_zero=True, timeout=WAIT,
                                                          io_timeout=WAIT, max_queues=2))

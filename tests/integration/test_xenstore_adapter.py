@@ -22,7 +22,7 @@ from typing import Iterator, List, Set  # noqa: E402
 import pytest  # noqa: E402
 
 from gblk.errors import XenError, XenStoreError, XenUnavailable  # noqa: E402
-from gblk.sim.host import child_env  # noqa: E402
+from gblk.sim.harness.host import child_env  # noqa: E402
 from gblk.xen.interfaces import XenStoreOps  # noqa: E402
 from gblk.xen.xenstore import GeventXenStore  # noqa: E402
 

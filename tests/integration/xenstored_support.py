@@ -11,7 +11,7 @@ import sys
 import tempfile
 from typing import Dict, Iterator, Optional
 
-from gblk.sim.host import child_env
+from gblk.sim.harness.host import child_env
 
 
 def start_xenstored(sock: str, *extra: str,
