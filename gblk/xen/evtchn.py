@@ -21,9 +21,9 @@ import os
 import select
 from typing import Any, Optional
 
-from gblk.errors import EventChannelError, XenUnavailable
+from gblk.errors import EventChannelError
 from gblk.xen.interfaces import EventChannel
-from gblk.xen.native import new_ffi, original
+from gblk.xen.native import XenLibrary, new_ffi, original
 
 LIBRARY = "libxenevtchn.so.1"
 PACKAGE = "libxenevtchn1"
@@ -48,33 +48,11 @@ int xenevtchn_unmask(xenevtchn_handle *xce, evtchn_port_t port);
 
 ffi = new_ffi(CDEF)
 
-_lib: Optional[Any] = None
-
-
-def load_library(name: str = LIBRARY) -> Any:
-    """dlopen libxenevtchn once; XenUnavailable naming the package if it is missing."""
-    global _lib
-    if _lib is not None and name == LIBRARY:
-        return _lib
-    try:
-        lib = ffi.dlopen(name)
-    except OSError:
-        raise XenUnavailable(f"{name} not found: install the Debian package {PACKAGE}") from None
-    if name == LIBRARY:
-        _lib = lib
-    return lib
-
-
-def open_error(err: int) -> XenUnavailable:
-    """The one-line explanation for xenevtchn_open failing with ``err``."""
-    if err == errno.ENOENT:
-        return XenUnavailable(
-            f"no Xen event channel device ({DEVICE}): is this dom0 with xen-evtchn loaded? "
-            "try: modprobe xen-evtchn"
-        )
-    if err in (errno.EACCES, errno.EPERM):
-        return XenUnavailable(f"permission denied opening {DEVICE}: run gblk as root")
-    return XenUnavailable(f"cannot open the Xen event channel device {DEVICE}: {os.strerror(err)}")
+_LIBRARY = XenLibrary(ffi, LIBRARY, PACKAGE, DEVICE, "event channel", "xen-evtchn")
+#: dlopen libxenevtchn once; XenUnavailable naming the package if it is missing
+load_library = _LIBRARY.load
+#: the one-line explanation for xenevtchn_open failing with an errno
+open_error = _LIBRARY.open_error
 
 
 class RealEventChannel(EventChannel):
@@ -82,12 +60,10 @@ class RealEventChannel(EventChannel):
 
     def __init__(self, library: str = LIBRARY, lib: Any = None) -> None:
         """``lib``: an already loaded library (tests pass a stand-in)."""
-        self._lib = lib if lib is not None else load_library(library)
-        handle = self._lib.xenevtchn_open(ffi.NULL, 0)
-        if handle == ffi.NULL:
-            raise open_error(ffi.errno)
-        self._handle: Any = handle
-        self._fd = int(self._lib.xenevtchn_fd(handle))
+        self._lib: Any
+        self._handle: Any
+        self._lib, self._handle = _LIBRARY.open("xenevtchn_open", library, lib)
+        self._fd = int(self._lib.xenevtchn_fd(self._handle))
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         self._poll = original("select", "poll")()  # never yields to the hub

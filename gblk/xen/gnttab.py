@@ -14,13 +14,12 @@ and blocks): no gevent, no logging. Must not import anything from gblk but
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
-from gblk.errors import GrantError, XenUnavailable
+from gblk.errors import GrantError
 from gblk.xen.interfaces import (
     PAGE_SIZE,
     CopySegment,
@@ -28,7 +27,7 @@ from gblk.xen.interfaces import (
     GrantMapping,
     GrantTable,
 )
-from gblk.xen.native import native_lock, new_ffi
+from gblk.xen.native import XenLibrary, native_lock, new_ffi
 
 LIBRARY = "libxengnttab.so.1"
 PACKAGE = "libxengnttab1"
@@ -71,37 +70,11 @@ int xengnttab_grant_copy(xengnttab_handle *xgt, uint32_t count,
 # used from gevent's threadpool: its lock, like ours, must be a real thread lock
 ffi = new_ffi(CDEF)
 
-_lib: Optional[Any] = None
-_lib_lock = native_lock()
-
-
-def load_library(name: str = LIBRARY) -> Any:
-    """dlopen libxengnttab once; XenUnavailable naming the package if it is missing."""
-    global _lib
-    with _lib_lock:
-        if _lib is None or name != LIBRARY:
-            try:
-                lib = ffi.dlopen(name)
-            except OSError:
-                raise XenUnavailable(
-                    f"{name} not found: install the Debian package {PACKAGE}"
-                ) from None
-            if name != LIBRARY:
-                return lib
-            _lib = lib
-        return _lib
-
-
-def open_error(err: int) -> XenUnavailable:
-    """The one-line explanation for xengnttab_open failing with ``err``."""
-    if err == errno.ENOENT:
-        return XenUnavailable(
-            f"no Xen grant device ({DEVICE}): is this dom0 with xen-gntdev loaded? "
-            "try: modprobe xen-gntdev"
-        )
-    if err in (errno.EACCES, errno.EPERM):
-        return XenUnavailable(f"permission denied opening {DEVICE}: run gblk as root")
-    return XenUnavailable(f"cannot open the Xen grant device {DEVICE}: {os.strerror(err)}")
+_LIBRARY = XenLibrary(ffi, LIBRARY, PACKAGE, DEVICE, "grant", "xen-gntdev")
+#: dlopen libxengnttab once; XenUnavailable naming the package if it is missing
+load_library = _LIBRARY.load
+#: the one-line explanation for xengnttab_open failing with an errno
+open_error = _LIBRARY.open_error
 
 
 class RealGrantMapping(GrantMapping):
@@ -172,11 +145,9 @@ class RealGrantTable(GrantTable):
 
     def __init__(self, library: str = LIBRARY, lib: Any = None) -> None:
         """``lib``: an already loaded library (tests pass a stand-in)."""
-        self._lib = lib if lib is not None else load_library(library)
-        handle = self._lib.xengnttab_open(ffi.NULL, 0)
-        if handle == ffi.NULL:
-            raise open_error(ffi.errno)
-        self._handle: Any = handle
+        self._lib: Any
+        self._handle: Any
+        self._lib, self._handle = _LIBRARY.open("xengnttab_open", library, lib)
         self._lock = native_lock()
         self._live: List[RealGrantMapping] = []
         self.active_mappings = 0

@@ -18,15 +18,22 @@ every FFI in gblk is made by it.
 ``FFI._lock`` is cffi's private attribute (cffi 1.15 to 2.0, all read it by that name
 only); ``new_ffi`` checks it is there, so a cffi that renames it fails at import
 instead of hanging later. Nothing here imports gevent unless it is already loaded.
+
+``XenLibrary``: loading one Xen library and explaining its device's open errors, the
+same for libxengnttab and libxenevtchn.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
-from typing import Any
+from typing import Any, Tuple
 
 import cffi
+
+from gblk.errors import XenUnavailable
 
 
 def original(module: str, name: str) -> Any:
@@ -54,3 +61,58 @@ def new_ffi(cdef: str = "") -> cffi.FFI:
     if cdef:
         ffi.cdef(cdef)
     return ffi
+
+
+class XenLibrary:
+    """One of the Xen libraries gblk binds (libxengnttab, libxenevtchn): ``load()``
+    dlopens it once, under a real thread lock (the threadpool and the hub may both be
+    first); ``open_error(err)`` explains its device failing to open, in one line."""
+
+    def __init__(self, ffi: cffi.FFI, library: str, package: str, device: str,
+                 what: str, kernel_module: str) -> None:
+        self.ffi = ffi
+        self.library = library
+        self.package = package
+        self.device = device
+        self.what = what  # "grant", "event channel"
+        self.kernel_module = kernel_module
+        self._lib: Any = None
+        self._lock = native_lock()
+
+    def load(self, name: str = "") -> Any:
+        """The library (``name``: another file of it, not kept); XenUnavailable naming
+        the Debian package if it is missing."""
+        name = name or self.library
+        with self._lock:
+            if name == self.library and self._lib is not None:
+                return self._lib
+            try:
+                lib = self.ffi.dlopen(name)
+            except OSError:
+                raise XenUnavailable(
+                    f"{name} not found: install the Debian package {self.package}") from None
+            if name == self.library:
+                self._lib = lib
+            return lib
+
+    def open(self, function: str, library: str = "", lib: Any = None) -> Tuple[Any, Any]:
+        """``(lib, handle)``: the library (``lib``: one already loaded; tests pass a
+        stand-in) and the handle its ``function(NULL, 0)`` (``xengnttab_open``,
+        ``xenevtchn_open``) returned; XenUnavailable when it returns NULL."""
+        if lib is None:
+            lib = self.load(library)
+        handle = getattr(lib, function)(self.ffi.NULL, 0)
+        if handle == self.ffi.NULL:
+            raise self.open_error(self.ffi.errno)
+        return lib, handle
+
+    def open_error(self, err: int) -> XenUnavailable:
+        """Why the device did not open (``err``: the errno of ``*_open``)."""
+        if err == errno.ENOENT:
+            return XenUnavailable(
+                f"no Xen {self.what} device ({self.device}): is this dom0 with "
+                f"{self.kernel_module} loaded? try: modprobe {self.kernel_module}")
+        if err in (errno.EACCES, errno.EPERM):
+            return XenUnavailable(f"permission denied opening {self.device}: run gblk as root")
+        return XenUnavailable(
+            f"cannot open the Xen {self.what} device {self.device}: {os.strerror(err)}")
