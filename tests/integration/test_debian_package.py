@@ -145,18 +145,25 @@ def test_conffile_is_the_example_configuration(built: Built) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-def test_upgrade_restarts_gblk_after_unpacking_and_removal_stops_it(built: Built) -> None:
-    """An upgrade must not take guests' disks down for its duration: prerm stops gblk
-    only on removal; postinst enables it, starts it on install and restarts it once on
-    upgrade (the new gblk takes the running guests over)."""
+def test_upgrade_hands_over_and_removal_stops_gblk(built: Built) -> None:
+    """An upgrade must not take guests' disks down: prerm stops gblk only on removal;
+    postinst enables it, starts it on install, restarts nothing itself and on an
+    upgrade runs the handover (tests/integration/test_restarts.py runs that script
+    against a real daemon), which ships executable in /usr/libexec/gblk."""
     prerm = (built.control / "prerm").read_text()
     stops = [line for line in prerm.splitlines() if "deb-systemd-invoke stop" in line]
     assert len(stops) == 1
     assert re.search(r'if .*"\$1" = remove .*\n\s*deb-systemd-invoke stop .gblk\.service', prerm), prerm
     postinst = (built.control / "postinst").read_text()
     assert "deb-systemd-helper enable 'gblk.service'" in postinst
-    assert "_dh_action=restart" in postinst and "deb-systemd-invoke $_dh_action 'gblk.service'" in postinst
-    assert "stop" not in postinst
+    assert "deb-systemd-invoke start 'gblk.service'" in postinst
+    code = "\n".join(line for line in postinst.splitlines() if not line.lstrip().startswith("#"))
+    assert "restart" not in code and "stop" not in code
+    assert re.search(r'if \[ "\$1" = configure \] && \[ -n "\$\{2:-\}" \].*/run/systemd/system.*\n'
+                     r'\s*/usr/libexec/gblk/handover \|\| true\n', postinst), postinst
+    script = built.root / "usr/libexec/gblk/handover"
+    assert os.access(script, os.X_OK)
+    assert script.read_text() == (REPO / "debian/handover").read_text()
 
 
 def test_unpacked_commands_run_on_debian_python(built: Built, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from gblk.sim.guest.workload import Workload, WorkloadConfig
 from gblk.xen.xenstore import GeventXenStore
 
 from .backend_support import file_bytes, logs_on_failure, pattern
+from .packaging_support import REPO
 
 MiB = 1 << 20
 SECTOR = 512
@@ -330,3 +331,142 @@ def test_crash_hook_refused_on_a_real_xen_host(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert b"GBLK_TEST_CRASH" in proc.stderr and b"refusing" in proc.stderr
     assert not (tmp_path / "control.sock").exists()
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemctl for the one unit of this test: its main PID is what the unit's processes
+# said with MAINPID= on NOTIFY_SOCKET (the test plays systemd's manager)
+echo "$*" >> {state}/calls
+case "$1" in
+    is-active) kill -0 "$(cat {state}/mainpid)" 2>/dev/null ;;
+    show) cat {state}/mainpid ;;
+    kill) kill -USR2 "$(cat {state}/mainpid)" ;;
+    restart) exit 0 ;;
+    *) exit 1 ;;
+esac
+"""
+
+
+def test_package_upgrade_hands_the_disks_over_without_a_restart(tmp_path):
+    """The Debian package's postinst runs ``debian/handover`` on an upgrade: the running
+    gblk (a real daemon, with systemd's notify socket played by the test) gets SIGUSR2
+    through ``systemctl kill``, hands its disks to the new process, which becomes the
+    unit's main PID (MAINPID=); the script sees it and restarts nothing, and the guest,
+    reading and writing throughout, sees no error and no reconnect."""
+    import socket as socketlib
+
+    state = tmp_path / "state"
+    state.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL.format(state=state))
+    fake.chmod(0o755)
+    notify_path = str(tmp_path / "notify.sock")
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    listener.bind(notify_path)
+
+    def manager() -> None:
+        while True:
+            for line in listener.recv(4096).decode().splitlines():
+                if line.startswith("MAINPID="):
+                    (state / "mainpid").write_text(line[len("MAINPID="):] + "\n")
+
+    successor = 0
+    with SimHost() as host:
+        old = host.start_backend(ARGS, env={"NOTIFY_SOCKET": notify_path})
+        (state / "mainpid").write_text(f"{old.pid}\n")
+        g = host.create_guest(size=DISK)
+        fe = g.frontend
+        fe.write(0, pattern(3, 64 * SECTOR))
+        m = gevent.spawn(manager)
+        stop = gevent.event.Event()
+        gaps: List[float] = []
+        failures: List[str] = []
+
+        def io() -> None:
+            t = gevent.get_hub().loop.now()
+            n = 0
+            while not stop.is_set():
+                try:
+                    fe.write(128 + (n % 64) * 8, pattern(n, 8 * SECTOR))
+                    assert fe.read(0, 64) == pattern(3, 64 * SECTOR)
+                except Exception as e:  # noqa: BLE001 - every failure is the test's
+                    failures.append(repr(e))
+                    return
+                gevent.get_hub().loop.update_now()
+                now = gevent.get_hub().loop.now()
+                gaps.append(now - t)
+                t = now
+                n += 1
+
+        worker = gevent.spawn(io)
+        try:
+            with logs_on_failure(old):
+                gevent.sleep(0.5)
+                env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+                proc = subprocess.run(["sh", str(REPO / "debian" / "handover"), "60"],
+                                      env=env, capture_output=True, text=True, timeout=120)
+                assert proc.returncode == 0, proc.stderr
+                assert "handed its disks over to the new version" in proc.stdout, proc.stdout
+                calls = (state / "calls").read_text().splitlines()
+                assert not [c for c in calls if c.startswith("restart")], calls
+                successor = int((state / "mainpid").read_text())
+                assert successor != old.pid
+                assert old.proc.wait(timeout=60) == 0
+                gevent.sleep(0.5)  # the guest goes on, served by the successor
+                stop.set()
+                worker.join(timeout=ANSWER_WITHIN)
+                assert not failures, failures
+                assert fe.connected and fe.stats.connects == 1 and fe.stats.errors == 0
+                assert fe.stats.mismatches == 0 and not fe.stats.violations
+                os.kill(successor, 0)
+                print(f"handover: longest gap between the guest's IOs {max(gaps) * 1000:.0f} ms")
+        finally:
+            stop.set()
+            worker.kill()
+            m.kill()
+            listener.close()
+            if successor:
+                os.kill(successor, signal.SIGTERM)
+                for _ in range(300):
+                    try:
+                        os.kill(successor, 0)
+                    except ProcessLookupError:
+                        break
+                    gevent.sleep(0.05)
+
+
+def test_package_upgrade_restarts_when_no_handover_comes(tmp_path):
+    """A running gblk that does not hand over (here: a process ignoring SIGUSR2) is
+    restarted by ``debian/handover`` once its time is up, with the reason on stderr;
+    a unit that is not running is left alone."""
+    state = tmp_path / "state"
+    state.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL.format(state=state))
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    script = ["sh", str(REPO / "debian" / "handover"), "1"]
+    deaf = subprocess.Popen([sys.executable, "-c",
+                             "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
+                             "print('up', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert deaf.stdout is not None and deaf.stdout.readline() == "up\n"
+        (state / "mainpid").write_text(f"{deaf.pid}\n")
+        proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "no handover within 1s" in proc.stderr and "restarting gblk" in proc.stderr
+        calls = (state / "calls").read_text().splitlines()
+        assert calls[-1] == "restart gblk.service", calls
+        assert any(c.startswith("kill --signal=SIGUSR2") for c in calls), calls
+    finally:
+        deaf.kill()
+        deaf.wait()
+    (state / "calls").unlink()
+    proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == proc.stderr == ""
+    assert (state / "calls").read_text().splitlines() == ["is-active --quiet gblk.service"]
