@@ -136,12 +136,13 @@ def test_qcow2_image_through_qemu_nbd(scenario: Scenario) -> None:
 @pytest.mark.scenario("restart")
 def test_fio_verify_across_sigkills_of_gblk(scenario: Scenario) -> None:
     """fio --verify=crc32c runs in a Linux guest while gblk is SIGKILLed twice and started
-    again as its unit says (issue 10): every fio run passes, the guest's kernel logs no
+    again as its unit says, then hands its disks over to a successor on SIGUSR2 (the
+    package's upgrade) (issue 10): every fio run passes, the guest's kernel logs no
     I/O error and no "Setting capacity" (the restarted gblk rewrites nothing blkfront
     takes for a resize), and gblk counts no error."""
     result = scenario()
     ok = {c["name"] for c in result["checks"] if c["ok"]} | {s["name"] for s in result["steps"] if s["ok"]}
-    assert {"fio-verify", "kernel-log", "restarts", "no-gblk-errors"} <= ok
+    assert {"fio-verify", "kernel-log", "restarts", "handover", "no-gblk-errors"} <= ok
     assert len(result["data"]["restart_seconds"]) == 2
 
 

@@ -385,10 +385,43 @@ class Gblk:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def handover(self):
+        """The package's upgrade (debian/handover: SIGUSR2 to the main process): the
+        running gblk starts its successor, hands the disks over and exits 0; the
+        successor is the unit's main process. Returns the timings: to MAINPID=, to the
+        old one's exit, to READY=1 (s), and the successor's own "disks served again
+        N ms after the handover began" (the guests' pause)."""
+        limit = CONF["timeouts"]["gblk_start"]
+        old = self.proc.pid
+        log("gblk: SIGUSR2 to %d (a handover, as the package's upgrade does)" % old)
+        try:
+            new, to_main, to_exit, to_ready = self.service.handover(limit)
+        except service.UnitError as e:
+            raise Failure("gblk.service handover: %s (see logs/%s)" % (e, self.log_name)) from e
+        with open(os.path.join(LOGS, self.log_name), "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        served = re.findall(r"takeover: disks served again ([0-9.]+) ms after the handover began", text)
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                self.scrape()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise Failure("gblk metrics did not answer on %s within %ss of the handover"
+                                  % (self.addr, limit)) from None
+                time.sleep(0.5)
+        out = {"old_pid": old, "new_pid": new, "mainpid_s": round(to_main, 2),
+               "old_exit_s": round(to_exit, 2), "ready_s": round(to_ready, 2),
+               "served_again_ms": float(served[-1]) if served else None}
+        log("gblk: handed over from %d to %d: %s" % (old, new, out))
+        return out
+
     def dump(self, tag):
         """Evidence of a wedged gblk, taken before cleanup: what `gblk status` and
         `gblk list` say over the control socket and a metrics scrape (logs/*-TAG.txt).
-        (The installed gblk has no stack-dump signal: SIGUSR1/2 would end it.)"""
+        (The installed gblk has no stack-dump signal: SIGUSR1 would end it, SIGUSR2
+        starts a successor.)"""
         if not self.alive():
             return
         for what in ("status", "list"):
@@ -633,8 +666,9 @@ def sc_qcow2(res, gblk):
 
 def sc_restart(res, gblk):
     """issue 10: fio --verify in the guest while gblk is SIGKILLed twice at random moments
-    and started again as its unit says: the guest sees a pause, never an error, and no
-    "Setting capacity" (a takeover rewrites nothing blkfront reacts to)."""
+    and started again as its unit says, then handed over to a successor by SIGUSR2 (the
+    package's upgrade): the guest sees a pause, never an error, and no "Setting
+    capacity" (a takeover rewrites nothing blkfront reacts to)."""
     import random
 
     a = make_image("restart", 128)
@@ -651,7 +685,13 @@ def sc_restart(res, gblk):
         pauses.append(round(time.monotonic() - t, 1))
         log("restart: gblk %d killed, %d serving after %.1fs" % (pid, gblk.proc.pid, pauses[-1]))
     res.data["restart_seconds"] = pauses
-    time.sleep(5)  # the guest's IO goes on after the last restart
+    # the planned restart: the package's upgrade sends SIGUSR2 (debian/handover)
+    time.sleep(random.uniform(2, 5))
+    handover = gblk.handover()
+    res.data["handover"] = handover
+    res.check("handover", handover["new_pid"] != handover["old_pid"]
+              and handover["served_again_ms"] is not None, handover)
+    time.sleep(5)  # the guest's IO goes on after the handover
     ack(a, "stop")
     g.wait("DONE")
     collect(res, g)

@@ -16,7 +16,10 @@ it is started on a host:
   start waits for ``READY=1``; ``WatchdogSec=`` becomes ``$WATCHDOG_USEC`` and the gaps
   between ``WATCHDOG=1`` pings are measured;
 - ``ExecReload=`` lines run in order with ``$MAINPID``; stop is ``KillMode=mixed``: SIGTERM
-  to the main process, ``TimeoutStopSec=``, then SIGKILL to the whole group.
+  to the main process, ``TimeoutStopSec=``, then SIGKILL to the whole group;
+- a handover (``MAINPID=`` from the main process, after SIGUSR2: the package's upgrade)
+  makes the named process the main one, as systemd does; it is not our child, so its
+  exit is read from ``/proc``.
 
 Not covered (systemd itself would do it): cgroup device policy, the sandboxing options
 (``ProtectSystem=``, ``SystemCallFilter=`` ...), ``Restart=``. ``systemd-analyze verify``
@@ -144,6 +147,45 @@ class Notifications:
         self.sock.close()
 
 
+class Successor:
+    """A main process that is not our child (it came by ``MAINPID=``), with the part of
+    Popen's interface the suite uses: ``pid``, ``poll``, ``wait``, ``send_signal``,
+    ``returncode`` (its exit code while it is a zombie: /proc/PID/stat's exit_code;
+    "exited" once its new parent reaped it)."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                with open("/proc/%d/stat" % self.pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                self.returncode = "exited"
+            else:
+                if fields[0] in ("Z", "X"):
+                    status = int(fields[-1]) if len(fields) >= 50 else None
+                    self.returncode = ("exited" if status is None
+                                       else os.waitstatus_to_exitcode(status))
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("pid %d" % self.pid, timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig):
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 class Service:
     """One run of the unit's main process (start, reload, stop), checked against the unit."""
 
@@ -155,6 +197,7 @@ class Service:
         self.notify = None
         self.logf = None
         self.stop_result = None
+        self.predecessors = set()  # main processes that handed over (MAINPID=)
 
     def _sections(self):
         sections = parse_unit(self.unit)
@@ -220,6 +263,7 @@ class Service:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.logf,
                                      stderr=subprocess.STDOUT, env=env, cwd="/",
                                      start_new_session=True, umask=umask)
+        self.pgid = self.proc.pid  # the session's: a handover's successor stays in it
         self.argv = argv
         self.env = env
         if kind != "notify":
@@ -232,6 +276,48 @@ class Service:
                 raise UnitError("%s exited %s before READY=1" % (" ".join(argv), self.proc.returncode))
             time.sleep(0.2)
         raise UnitError("no READY=1 on $NOTIFY_SOCKET within %ds" % timeout)
+
+    def handover(self, timeout):
+        """SIGUSR2 to the main process (what the package's upgrade sends): it starts its
+        successor, hands over, sends ``MAINPID=`` and exits 0; the successor is the main
+        process from then on (its READY=1 awaited). Returns (successor's pid, seconds
+        from the signal to ``MAINPID=``, seconds to the old one's exit, to READY=1).
+        UnitError when one of those does not come within ``timeout``."""
+        old = self.proc
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        old.send_signal(signal.SIGUSR2)
+        new = None
+        while new is None:
+            for t, pid, fields in self.notify.since(t0):
+                if pid == old.pid and fields.get("MAINPID", "").isdigit():
+                    new, t_main = int(fields["MAINPID"]), t
+            if new is None:
+                if old.poll() is not None:
+                    raise UnitError("the main process exited %s after SIGUSR2 without MAINPID="
+                                    % old.returncode)
+                if time.monotonic() > deadline:
+                    raise UnitError("no MAINPID= within %ds of SIGUSR2" % timeout)
+                time.sleep(0.05)
+        try:
+            rc = old.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise UnitError("the old main process %d still runs after handing over" % old.pid) from None
+        t_exit = time.monotonic()
+        if rc != 0:
+            raise UnitError("the old main process exited %s after handing over" % rc)
+        # the unit's main process from MAINPID= on; what the old one still sends then
+        # (STOPPING=1) systemd drops (NotifyAccess=main), and so does foreign_senders
+        self.proc = Successor(new)
+        self.started_at = t_main
+        self.predecessors.add(old.pid)
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise UnitError("the successor %d exited before READY=1" % new)
+            if time.monotonic() > deadline:
+                raise UnitError("no READY=1 from the successor %d within %ds" % (new, timeout))
+            time.sleep(0.05)
+        return new, t_main - t0, t_exit - t0, time.monotonic() - t0
 
     def messages(self):
         return self.notify.since(self.started_at) if self.notify and self.started_at else []
@@ -249,7 +335,8 @@ class Service:
 
     def foreign_senders(self):
         """Pids other than the main process that sent notifications (NotifyAccess=main)."""
-        return sorted({pid for _, pid, _ in self.messages() if pid != self.proc.pid})
+        return sorted({pid for _, pid, _ in self.messages()
+                       if pid != self.proc.pid and pid not in self.predecessors})
 
     def watchdog_gaps(self):
         """(pings, longest gap in seconds between READY=1, the pings and now)."""
@@ -294,12 +381,12 @@ class Service:
         try:
             rc = self.proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.pgid, signal.SIGKILL)
             self.proc.wait(timeout=30)
             rc = "killed after %.0f s" % limit
         else:
             try:  # mixed: what is left of the group gets SIGKILL
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.pgid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.stop_result = rc
