@@ -287,6 +287,17 @@ def test_takeover_hands_the_disks_over_under_io():
         new.stop()
 
 
+def _terminate(pid: int) -> None:
+    """SIGTERM to a successor (not our child: nobody waits for it), then until it is gone."""
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(300):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        gevent.sleep(0.05)
+
+
 def test_sigusr2_starts_a_successor_that_takes_over():
     """SIGUSR2 (the upgrade under systemd): the daemon starts ``gblk serve --takeover``
     as its own child, hands the disks to it and exits 0; the guest is served on."""
@@ -311,13 +322,7 @@ def test_sigusr2_starts_a_successor_that_takes_over():
                 assert fe.connected and fe.stats.connects == 1 and fe.stats.errors == 0
         finally:
             if successor:
-                os.kill(successor, signal.SIGTERM)
-                for _ in range(300):
-                    try:
-                        os.kill(successor, 0)
-                    except ProcessLookupError:
-                        break
-                    gevent.sleep(0.05)
+                _terminate(successor)
 
 
 def test_crash_hook_refused_on_a_real_xen_host(tmp_path):
@@ -347,6 +352,18 @@ esac
 """
 
 
+def _fake_systemctl(tmp_path) -> tuple:
+    """(state directory, environment whose PATH finds FAKE_SYSTEMCTL first)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "systemctl"
+    fake.write_text(FAKE_SYSTEMCTL.format(state=state))
+    fake.chmod(0o755)
+    return state, dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+
+
 def test_package_upgrade_hands_the_disks_over_without_a_restart(tmp_path):
     """The Debian package's postinst runs ``debian/handover`` on an upgrade: the running
     gblk (a real daemon, with systemd's notify socket played by the test) gets SIGUSR2
@@ -355,13 +372,7 @@ def test_package_upgrade_hands_the_disks_over_without_a_restart(tmp_path):
     reading and writing throughout, sees no error and no reconnect."""
     import socket as socketlib
 
-    state = tmp_path / "state"
-    state.mkdir()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "systemctl"
-    fake.write_text(FAKE_SYSTEMCTL.format(state=state))
-    fake.chmod(0o755)
+    state, env = _fake_systemctl(tmp_path)
     notify_path = str(tmp_path / "notify.sock")
     listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
     listener.bind(notify_path)
@@ -404,7 +415,6 @@ def test_package_upgrade_hands_the_disks_over_without_a_restart(tmp_path):
         try:
             with logs_on_failure(old):
                 gevent.sleep(0.5)
-                env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
                 proc = subprocess.run(["sh", str(REPO / "debian" / "handover"), "60"],
                                       env=env, capture_output=True, text=True, timeout=120)
                 assert proc.returncode == 0, proc.stderr
@@ -428,27 +438,14 @@ def test_package_upgrade_hands_the_disks_over_without_a_restart(tmp_path):
             m.kill()
             listener.close()
             if successor:
-                os.kill(successor, signal.SIGTERM)
-                for _ in range(300):
-                    try:
-                        os.kill(successor, 0)
-                    except ProcessLookupError:
-                        break
-                    gevent.sleep(0.05)
+                _terminate(successor)
 
 
 def test_package_upgrade_restarts_when_no_handover_comes(tmp_path):
     """A running gblk that does not hand over (here: a process ignoring SIGUSR2) is
     restarted by ``debian/handover`` once its time is up, with the reason on stderr;
     a unit that is not running is left alone."""
-    state = tmp_path / "state"
-    state.mkdir()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    fake = bindir / "systemctl"
-    fake.write_text(FAKE_SYSTEMCTL.format(state=state))
-    fake.chmod(0o755)
-    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    state, env = _fake_systemctl(tmp_path)
     script = ["sh", str(REPO / "debian" / "handover"), "1"]
     deaf = subprocess.Popen([sys.executable, "-c",
                              "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
