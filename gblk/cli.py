@@ -425,9 +425,10 @@ class _Usage(GblkError):
 
 def _sim_component(name: str) -> Callable[[List[str]], int]:
     """``gblk.sim.<name>.main``: the one import by name in this module, because the name
-    is the user's argument (``gblk sim xenstored``, ``gblk sim hypervisor.evtchn_bench``); every other command imports what it
-    runs in its own function, so the composition root's edges show in the code and to
-    ``lint-imports``. A module that is not there, or has no ``main``, is a usage error."""
+    is the user's argument (``gblk sim xenstored``, ``gblk sim hypervisor.evtchn_bench``);
+    every other command imports what it runs in its own function, so the composition
+    root's edges show in the code and to ``lint-imports``. A module that is not there,
+    or has no ``main``, is a usage error."""
     import importlib
 
     import gblk.sim
